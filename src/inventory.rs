@@ -1,0 +1,494 @@
+//! The inventory reservation core: products, stock counts, reservations, per-user limits,
+//! expiry and reserve idempotency, all in memory, lock-sharded by SKU.
+//!
+//! It owns the answer to "may this unit be sold?" and nothing else. It must not do I/O, read
+//! a clock (every call takes `now`, unix ms), await, spawn, log, or know about Redis or the
+//! wire format. Every state change is two-phase (`reserve` then `confirm_reserve` or
+//! `abort_reserve`, `begin_*` then `finish_*`) so the gateway can write the change durably
+//! before it tells a client, and undo it when the write fails, without ever overselling.
+//! Each SKU lives in one shard (`std::sync::Mutex`, held for a few hundred nanoseconds at
+//! most, never across an `.await`); only checkout and batch finishes lock several shards,
+//! always in ascending index order. See docs/inventory.md for the contract and invariants.
+
+mod fxhash;
+mod shard;
+mod types;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use shard::{EndedKey, Entry, IdemRec, Product, Shard, State, UserUnits};
+
+pub use types::{
+    InvError, InventoryConfig, ParseResIdError, ProductCounts, ProductSpec, ResId, Reservation,
+    ReserveOutcome, ReserveRequest, RestoreState, RestoreSummary, RestoredIdem, RestoredProduct,
+    COUNTER_BITS, EPOCH_MASK,
+};
+
+/// Most shards an `Inventory` uses (more would only cost memory).
+pub const MAX_SHARDS: usize = 4096;
+
+/// One shard on its own cache lines, so two cores locking neighbouring shards do not
+/// contend on the same line.
+#[repr(align(128))]
+struct Padded(Mutex<Shard>);
+
+/// The inventory core. `Send + Sync`: share it behind an `Arc`.
+pub struct Inventory {
+    shards: Box<[Padded]>,
+    epoch: u32,
+    idem_ttl_ms: u64,
+    idem_cap: usize,
+    /// Keyed SipHash for idempotency keys (client-chosen `req`: must resist hash flooding).
+    idem_hasher: RandomState,
+    /// Current-epoch ids with a counter >= this were issued by this process since the last
+    /// restore, so their shard is `counter % shards`; other ids need a scan.
+    fresh_floor: AtomicU64,
+    /// Whether a restore brought in reservations (only then can a scan find anything).
+    restored_any: AtomicBool,
+    /// Where the next `take_due` sweep starts, so a small `max` does not starve late shards.
+    sweep_cursor: AtomicUsize,
+}
+
+/// Locks a shard. A poisoned lock is taken over: no code in a critical section panics on
+/// input, and the counts are repaired by nothing else, so refusing service would not help.
+fn lock(m: &Padded) -> MutexGuard<'_, Shard> {
+    m.0.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Inventory {
+    /// An empty inventory.
+    pub fn new(cfg: InventoryConfig) -> Inventory {
+        let n = cfg.shards.clamp(1, MAX_SHARDS);
+        let shards = (0..n)
+            .map(|i| Padded(Mutex::new(Shard::new(i, n))))
+            .collect();
+        Inventory {
+            shards,
+            epoch: cfg.epoch & EPOCH_MASK,
+            idem_ttl_ms: cfg.idempotency_ttl_ms,
+            idem_cap: cfg.idempotency_cap_per_shard.max(1),
+            idem_hasher: RandomState::new(),
+            fresh_floor: AtomicU64::new(0),
+            restored_any: AtomicBool::new(false),
+            sweep_cursor: AtomicUsize::new(0),
+        }
+    }
+
+    /// The epoch new ids are issued in (the configured one modulo 2^24).
+    pub fn epoch(&self) -> u32 {
+        self.epoch
+    }
+
+    /// Number of lock shards.
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    fn shard_of(&self, sku: &str) -> usize {
+        let h = fxhash::hash_str(sku);
+        // Multiply-shift range reduction; the result is < len, so the cast is lossless.
+        ((u128::from(h) * self.shards.len() as u128) >> 64) as usize
+    }
+
+    fn sku_shard(&self, sku: &str) -> MutexGuard<'_, Shard> {
+        lock(&self.shards[self.shard_of(sku)])
+    }
+
+    fn idem_key(&self, user: &str, req: &str, sku: &str) -> u64 {
+        self.idem_hasher.hash_one((user, req, sku))
+    }
+
+    /// The shard holding reservation `id`, if any. Ids this process issued map directly;
+    /// restored ones (older epoch, or restored into the same epoch) need a scan, which only
+    /// happens when a restore brought reservations in.
+    fn locate(&self, id: ResId) -> Option<usize> {
+        if id.epoch() == self.epoch && id.counter() >= self.fresh_floor.load(Ordering::Acquire) {
+            // A fresh id's counter is k * shards + index.
+            return Some((id.counter() % self.shards.len() as u64) as usize);
+        }
+        if !self.restored_any.load(Ordering::Acquire) {
+            return None;
+        }
+        self.shards
+            .iter()
+            .position(|s| lock(s).reservations.contains_key(&id.0))
+    }
+
+    fn res_shard(&self, id: ResId) -> Result<MutexGuard<'_, Shard>, InvError> {
+        let i = self.locate(id).ok_or(InvError::NotFound)?;
+        Ok(lock(&self.shards[i]))
+    }
+
+    /// Phase one of `add_to_cart`: takes `qty` units now (Pending), or returns the earlier
+    /// reservation of the same (user, req, sku) while it is Held. Same (user, req) with a
+    /// different SKU is a different request. Errors: `InvalidQty`, `UnknownSku`, `InFlight`
+    /// (the earlier one is not Held yet, or is mid-release/checkout/expiry), `Ended`,
+    /// `LimitExceeded`, `SoldOut`.
+    pub fn reserve(&self, r: ReserveRequest) -> Result<ReserveOutcome, InvError> {
+        if !(1..=99).contains(&r.qty) {
+            return Err(InvError::InvalidQty);
+        }
+        let key = self.idem_key(&r.user, &r.req, &r.sku);
+        let i = self.shard_of(&r.sku);
+        lock(&self.shards[i]).reserve(r, key, self.epoch, self.idem_cap)
+    }
+
+    /// The durable write of a reserve succeeded: Pending -> Held.
+    pub fn confirm_reserve(&self, id: ResId) -> Result<(), InvError> {
+        self.res_shard(id)?.confirm(id)
+    }
+
+    /// The durable write of a reserve failed: the units go back and the reservation and its
+    /// idempotency record are forgotten (a retry with the same req reserves anew).
+    pub fn abort_reserve(&self, id: ResId) -> Result<(), InvError> {
+        self.res_shard(id)?.abort(id)
+    }
+
+    /// Phase one of `release`: `user`'s Held reservation becomes Releasing (nothing else may
+    /// touch it). Another user's reservation is `NotFound`.
+    pub fn begin_release(&self, user: &str, id: ResId) -> Result<Reservation, InvError> {
+        self.res_shard(id)?.begin(Some(user), id, State::Releasing)
+    }
+
+    /// Phase two of `release`: committed -> the units go back and the reservation ends;
+    /// not committed -> Held again.
+    pub fn finish_release(&self, id: ResId, committed: bool) -> Result<(), InvError> {
+        self.res_shard(id)?
+            .finish(id, State::Releasing, committed, false)
+    }
+
+    /// Looks up a live reservation (any state), e.g. to answer a status query.
+    pub fn reservation(&self, id: ResId) -> Option<Reservation> {
+        let s = self.res_shard(id).ok()?;
+        s.reservations.get(&id.0).map(|e| e.res.clone())
+    }
+
+    /// Resolves and locks the shards of `ids` in ascending index order. Returns the guards
+    /// (sorted by shard index) and, for each id, the position of its guard.
+    fn lock_many(
+        &self,
+        ids: &[ResId],
+    ) -> Result<(Vec<(usize, MutexGuard<'_, Shard>)>, Vec<usize>), InvError> {
+        if ids.is_empty() {
+            return Err(InvError::Invalid("no reservation ids"));
+        }
+        let mut sorted: Vec<u64> = ids.iter().map(|i| i.0).collect();
+        sorted.sort_unstable();
+        if sorted.windows(2).any(|w| w[0] == w[1]) {
+            return Err(InvError::Invalid("duplicate reservation id"));
+        }
+        let mut where_: Vec<usize> = Vec::with_capacity(ids.len());
+        for &id in ids {
+            where_.push(self.locate(id).ok_or(InvError::NotFound)?);
+        }
+        let mut order = where_.clone();
+        order.sort_unstable();
+        order.dedup();
+        let guards: Vec<(usize, MutexGuard<'_, Shard>)> =
+            order.iter().map(|&i| (i, lock(&self.shards[i]))).collect();
+        let pos = where_
+            .iter()
+            .map(|i| order.binary_search(i).unwrap_or(0))
+            .collect();
+        Ok((guards, pos))
+    }
+
+    /// Phase one of `checkout`, all or none: every id must exist, belong to `user`, be Held
+    /// and not be expired (`expires_at > now`); then all become CheckingOut. Returns them in
+    /// the order given. Errors: `NotFound`, `Conflict` (wrong state), `Expired { id }`,
+    /// `Invalid` (empty list or a repeated id).
+    pub fn begin_checkout(
+        &self,
+        user: &str,
+        ids: &[ResId],
+        now: u64,
+    ) -> Result<Vec<Reservation>, InvError> {
+        let (mut guards, pos) = self.lock_many(ids)?;
+        for (&id, &p) in ids.iter().zip(&pos) {
+            guards[p].1.check_checkout(user, id, now)?;
+        }
+        let mut out = Vec::with_capacity(ids.len());
+        for (&id, &p) in ids.iter().zip(&pos) {
+            out.push(guards[p].1.begin(Some(user), id, State::CheckingOut)?);
+        }
+        Ok(out)
+    }
+
+    fn finish_many(
+        &self,
+        ids: &[ResId],
+        from: State,
+        committed: bool,
+        sold: bool,
+    ) -> Result<(), InvError> {
+        let (mut guards, pos) = self.lock_many(ids)?;
+        for (&id, &p) in ids.iter().zip(&pos) {
+            guards[p].1.check(id, from)?;
+        }
+        for (&id, &p) in ids.iter().zip(&pos) {
+            guards[p].1.finish(id, from, committed, sold)?;
+        }
+        Ok(())
+    }
+
+    /// Phase two of `checkout`, all or none (every id must be CheckingOut): committed ->
+    /// units move from reserved to sold and count toward the user's bought units; not
+    /// committed -> Held again.
+    pub fn finish_checkout(&self, ids: &[ResId], committed: bool) -> Result<(), InvError> {
+        self.finish_many(ids, State::CheckingOut, committed, true)
+    }
+
+    /// Phase one of expiry: up to `max` Held reservations with `expires_at <= now` become
+    /// Expiring and are returned. Also drops idempotency records older than the TTL. Cost
+    /// grows with what is due (and the shard count), not with what is held.
+    pub fn take_due(&self, now: u64, max: usize) -> Vec<Reservation> {
+        let mut out = Vec::new();
+        let n = self.shards.len();
+        let start = self.sweep_cursor.fetch_add(1, Ordering::Relaxed) % n;
+        for k in 0..n {
+            let mut s = lock(&self.shards[(start + k) % n]);
+            s.prune_idem(now, self.idem_ttl_ms);
+            s.take_due(now, max, &mut out);
+        }
+        out
+    }
+
+    /// Phase two of expiry, all or none (every id must be Expiring): committed -> units go
+    /// back and the reservations end; not committed -> Held again (a later sweep retries).
+    pub fn finish_expire(&self, ids: &[ResId], committed: bool) -> Result<(), InvError> {
+        self.finish_many(ids, State::Expiring, committed, false)
+    }
+
+    /// Creates a product with `initial_stock` (None = 0) or updates the spec of an existing
+    /// one (`Some(stock)` for an existing SKU is a `Conflict`: stock changes go through
+    /// `restock`). Returns whether it was created, and its counts. Existing reservations keep
+    /// their price and expiry; a lowered limit applies to later reserves only.
+    pub fn upsert(
+        &self,
+        sku: &str,
+        spec: ProductSpec,
+        initial_stock: Option<u64>,
+    ) -> Result<(bool, ProductCounts), InvError> {
+        if spec.price_cents < 0 {
+            return Err(InvError::Invalid("negative price"));
+        }
+        if spec.ttl_s == 0 {
+            return Err(InvError::Invalid("ttl_s must be at least 1"));
+        }
+        let mut s = self.sku_shard(sku);
+        if let Some(p) = s.products.get_mut(sku) {
+            if initial_stock.is_some() {
+                return Err(InvError::Conflict(
+                    "stock is set only when a product is created; use restock".into(),
+                ));
+            }
+            p.spec = spec;
+            return Ok((false, p.counts()));
+        }
+        let p = Product::new(spec, initial_stock.unwrap_or(0));
+        let counts = p.counts();
+        s.products.insert(Arc::from(sku), p);
+        Ok((true, counts))
+    }
+
+    /// Adds (`delta > 0`) or removes (`delta < 0`) stock at once. A removal can take at most
+    /// the units available now (else `Conflict`). Contract: the gateway applies a negative
+    /// delta before its durable write and a positive one after it, so `undo_restock` only
+    /// ever has to give units back and can never oversell.
+    pub fn restock(&self, sku: &str, delta: i64) -> Result<ProductCounts, InvError> {
+        let mut s = self.sku_shard(sku);
+        let p = s.products.get_mut(sku).ok_or(InvError::UnknownSku)?;
+        if delta >= 0 {
+            p.add_stock(delta.unsigned_abs())
+        } else {
+            p.remove_stock(delta.unsigned_abs())
+        }
+    }
+
+    /// Reverses `restock(sku, delta)` whose durable write failed (`restock(sku, -delta)`).
+    /// Undoing a negative delta always succeeds; undoing a positive one is a removal and may
+    /// fail with `Conflict` if the units are gone (which the contract above avoids).
+    pub fn undo_restock(&self, sku: &str, delta: i64) -> Result<ProductCounts, InvError> {
+        let mut s = self.sku_shard(sku);
+        let p = s.products.get_mut(sku).ok_or(InvError::UnknownSku)?;
+        if delta >= 0 {
+            p.remove_stock(delta.unsigned_abs())
+        } else {
+            p.add_stock(delta.unsigned_abs())
+        }
+    }
+
+    /// The counts of a SKU.
+    pub fn counts(&self, sku: &str) -> Option<ProductCounts> {
+        self.sku_shard(sku).products.get(sku).map(Product::counts)
+    }
+
+    /// The spec and counts of a SKU.
+    pub fn product(&self, sku: &str) -> Option<(ProductSpec, ProductCounts)> {
+        self.sku_shard(sku)
+            .products
+            .get(sku)
+            .map(|p| (p.spec, p.counts()))
+    }
+
+    /// Units available now (one short lock; read by room ticks).
+    pub fn available(&self, sku: &str) -> Option<u64> {
+        self.sku_shard(sku).products.get(sku).map(|p| p.available)
+    }
+
+    fn lock_all(&self) -> Vec<MutexGuard<'_, Shard>> {
+        self.shards.iter().map(lock).collect()
+    }
+
+    /// Replaces everything with `state` (startup, before serving). Reservations come back
+    /// Held; `available = stocked - sold - held`, clamped at 0 with the shortfall reported
+    /// in the summary (and paid off by the first units that come back). New ids never
+    /// collide with restored ones: same-epoch ids raise the counter floor. Idempotency
+    /// records count as created at `now`.
+    pub fn restore(&self, state: RestoreState, now: u64) -> RestoreSummary {
+        let mut sum = RestoreSummary::default();
+        let mut guards = self.lock_all();
+        let n = guards.len();
+        for (i, g) in guards.iter_mut().enumerate() {
+            **g = Shard::new(i, n);
+        }
+        for rp in state.products {
+            let g = &mut guards[self.shard_of(&rp.sku)];
+            let mut p = Product::new(rp.spec, rp.stocked);
+            p.sold = rp.sold;
+            if g.products.insert(rp.sku, p).is_some() {
+                sum.duplicate_products += 1;
+            } else {
+                sum.products += 1;
+            }
+        }
+        for (sku, user, units) in state.bought {
+            let g = &mut guards[self.shard_of(&sku)];
+            match g.products.get_mut(&*sku) {
+                Some(p) => p.users.entry(user).or_default().bought += units,
+                None => sum.skipped_rows += 1,
+            }
+        }
+        let mut floor = 0u64;
+        for res in state.reservations {
+            let g = &mut guards[self.shard_of(&res.sku)];
+            let qty = u64::from(res.qty);
+            let known = g.products.contains_key(&*res.sku);
+            if !known || qty == 0 || g.reservations.contains_key(&res.id.0) {
+                sum.skipped_reservations += 1;
+                continue;
+            }
+            if let Some(p) = g.products.get_mut(&*res.sku) {
+                p.reserved = p.reserved.saturating_add(qty);
+                let u: &mut UserUnits = p.users.entry(Arc::clone(&res.user)).or_default();
+                u.held = u.held.saturating_add(qty);
+            }
+            if res.id.epoch() == self.epoch {
+                floor = floor.max(res.id.counter().saturating_add(1));
+            }
+            g.expiry.insert((res.expires_at, res.id.0));
+            let idem_key = self.idem_key(&res.user, &res.req, &res.sku);
+            g.reservations.insert(
+                res.id.0,
+                Entry {
+                    res,
+                    state: State::Held,
+                    idem_key,
+                },
+            );
+            sum.reservations += 1;
+        }
+        for g in guards.iter_mut() {
+            for (sku, p) in g.products.iter_mut() {
+                let used = p.sold.saturating_add(p.reserved);
+                if used > p.stocked {
+                    p.available = 0;
+                    p.deficit = used - p.stocked;
+                    sum.deficits.push((Arc::clone(sku), p.deficit));
+                } else {
+                    p.available = p.stocked - used;
+                }
+            }
+        }
+        for (user, req, sku, id, ended) in state.idempotency {
+            if id.epoch() == self.epoch {
+                floor = floor.max(id.counter().saturating_add(1));
+            }
+            let key = self.idem_key(&user, &req, &sku);
+            let g = &mut guards[self.shard_of(&sku)];
+            if !g.products.contains_key(&*sku) {
+                sum.skipped_rows += 1;
+                continue;
+            }
+            // A record whose reservation is not live any more has ended.
+            let ended = ended || !g.reservations.contains_key(&id.0);
+            let ended = ended.then_some(EndedKey { user, req, sku });
+            g.insert_idem(key, IdemRec { id, ended }, now, self.idem_cap);
+            sum.idempotency += 1;
+        }
+        for g in guards.iter_mut() {
+            g.raise_floor(floor);
+        }
+        self.fresh_floor.store(floor, Ordering::Release);
+        self.restored_any
+            .store(sum.reservations > 0, Ordering::Release);
+        sum
+    }
+
+    /// Everything, in the shape `restore` takes (all shards locked at once, so it is a
+    /// consistent cut). Live reservations in any state are listed (a restore makes them
+    /// Held); products are sorted by SKU and reservations by id.
+    pub fn snapshot(&self) -> RestoreState {
+        let guards = self.lock_all();
+        let mut st = RestoreState::default();
+        for g in &guards {
+            for (sku, p) in &g.products {
+                st.products.push(RestoredProduct {
+                    sku: Arc::clone(sku),
+                    spec: p.spec,
+                    stocked: p.stocked,
+                    sold: p.sold,
+                });
+                for (user, u) in &p.users {
+                    if u.bought > 0 {
+                        st.bought
+                            .push((Arc::clone(sku), Arc::clone(user), u.bought));
+                    }
+                }
+            }
+            st.reservations
+                .extend(g.reservations.values().map(|e| e.res.clone()));
+            for rec in g.idem.values() {
+                match (&rec.ended, g.reservations.get(&rec.id.0)) {
+                    (Some(k), _) => st.idempotency.push((
+                        Arc::clone(&k.user),
+                        Arc::clone(&k.req),
+                        Arc::clone(&k.sku),
+                        rec.id,
+                        true,
+                    )),
+                    (None, Some(e)) => st.idempotency.push((
+                        Arc::clone(&e.res.user),
+                        Arc::clone(&e.res.req),
+                        Arc::clone(&e.res.sku),
+                        rec.id,
+                        false,
+                    )),
+                    (None, None) => {}
+                }
+            }
+        }
+        drop(guards);
+        st.products.sort_by(|a, b| a.sku.cmp(&b.sku));
+        st.bought.sort();
+        st.reservations.sort_by_key(|r| r.id);
+        st.idempotency.sort_by_key(|i| i.3);
+        st
+    }
+}

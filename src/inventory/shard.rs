@@ -1,0 +1,492 @@
+//! One lock shard of the inventory: the products whose SKU hashes here, their reservations,
+//! the expiry index and the idempotency records of reserves on those products.
+//!
+//! Everything here runs with the shard's lock held, so it must stay short: no I/O, no clock,
+//! no allocation beyond the map entries it inserts, no call back into the `Inventory`, and no
+//! panics (counts use saturating arithmetic; the invariants are checked by the tests).
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::hash::BuildHasherDefault;
+use std::sync::Arc;
+
+use super::fxhash::FxHashMap;
+use super::types::{
+    InvError, ProductCounts, ProductSpec, ResId, Reservation, ReserveOutcome, ReserveRequest,
+    COUNTER_MASK,
+};
+
+/// Where a live reservation is in its two-phase life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum State {
+    /// Units taken, durable write in flight (`confirm_reserve` / `abort_reserve`).
+    Pending,
+    /// Durable; may be released, bought or expire.
+    Held,
+    /// `begin_release` done, waiting for `finish_release`.
+    Releasing,
+    /// `begin_checkout` done, waiting for `finish_checkout`.
+    CheckingOut,
+    /// Handed out by `take_due`, waiting for `finish_expire`.
+    Expiring,
+}
+
+impl State {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Held => "held",
+            State::Releasing => "releasing",
+            State::CheckingOut => "checking out",
+            State::Expiring => "expiring",
+        }
+    }
+}
+
+pub(crate) fn wrong_state(id: ResId, s: State, wanted: &str) -> InvError {
+    InvError::Conflict(format!("reservation {id} is {}, not {wanted}", s.name()))
+}
+
+/// A live reservation in its shard.
+pub(crate) struct Entry {
+    pub res: Reservation,
+    pub state: State,
+    /// Keyed hash of (user, req, sku): the key of its idempotency record.
+    pub idem_key: u64,
+}
+
+/// Units of one SKU that one user holds (any live state) and has bought.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct UserUnits {
+    pub held: u64,
+    pub bought: u64,
+}
+
+pub(crate) struct Product {
+    pub spec: ProductSpec,
+    pub stocked: u64,
+    pub available: u64,
+    pub reserved: u64,
+    pub sold: u64,
+    /// Units owed after a restore found `stocked - sold - held < 0` (normally 0); units that
+    /// come back pay this off before they become available.
+    pub deficit: u64,
+    pub users: FxHashMap<Arc<str>, UserUnits>,
+}
+
+impl Product {
+    pub(crate) fn new(spec: ProductSpec, stock: u64) -> Product {
+        Product {
+            spec,
+            stocked: stock,
+            available: stock,
+            reserved: 0,
+            sold: 0,
+            deficit: 0,
+            users: FxHashMap::default(),
+        }
+    }
+
+    pub(crate) fn counts(&self) -> ProductCounts {
+        ProductCounts {
+            stocked: self.stocked,
+            available: self.available,
+            reserved: self.reserved,
+            sold: self.sold,
+        }
+    }
+
+    /// Units enter `available` (a release, an expiry, an abort or a restock), paying any
+    /// deficit first.
+    fn add_available(&mut self, qty: u64) {
+        let pay = qty.min(self.deficit);
+        self.deficit -= pay;
+        self.available = self.available.saturating_add(qty - pay);
+    }
+
+    /// A reservation's units go back to available.
+    fn give_back(&mut self, user: &str, qty: u64) {
+        self.reserved = self.reserved.saturating_sub(qty);
+        self.add_available(qty);
+        self.user_done(user, qty, false);
+    }
+
+    /// A reservation's units are bought.
+    fn sell(&mut self, user: &str, qty: u64) {
+        self.reserved = self.reserved.saturating_sub(qty);
+        self.sold = self.sold.saturating_add(qty);
+        self.user_done(user, qty, true);
+    }
+
+    fn user_done(&mut self, user: &str, qty: u64, bought: bool) {
+        if let Some(u) = self.users.get_mut(user) {
+            u.held = u.held.saturating_sub(qty);
+            if bought {
+                u.bought = u.bought.saturating_add(qty);
+            }
+            if u.held == 0 && u.bought == 0 {
+                self.users.remove(user);
+            }
+        }
+    }
+
+    /// Adds `delta` units of stock (restock or undo of a negative restock).
+    pub(crate) fn add_stock(&mut self, delta: u64) -> Result<ProductCounts, InvError> {
+        let stocked = self
+            .stocked
+            .checked_add(delta)
+            .ok_or_else(|| InvError::Conflict("stock would overflow".into()))?;
+        self.stocked = stocked;
+        self.add_available(delta);
+        Ok(self.counts())
+    }
+
+    /// Removes `delta` units of stock; only units still available can be removed.
+    pub(crate) fn remove_stock(&mut self, delta: u64) -> Result<ProductCounts, InvError> {
+        if delta > self.available {
+            return Err(InvError::Conflict(format!(
+                "cannot remove {delta} units: only {} available",
+                self.available
+            )));
+        }
+        self.available -= delta;
+        self.stocked = self.stocked.saturating_sub(delta);
+        Ok(self.counts())
+    }
+}
+
+/// The strings of an ended reservation's idempotency record (moved out of the reservation
+/// when it ends, so the record can still be compared and snapshotted).
+pub(crate) struct EndedKey {
+    pub user: Arc<str>,
+    pub req: Arc<str>,
+    pub sku: Arc<str>,
+}
+
+pub(crate) struct IdemRec {
+    pub id: ResId,
+    /// `None` while the reservation is live (its strings are in the reservation).
+    pub ended: Option<EndedKey>,
+}
+
+/// Identity "hasher" for keys that are already keyed hashes.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct PreHashed(u64);
+
+impl std::hash::Hasher for PreHashed {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, i: u64) {
+        self.0 = i;
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+pub(crate) struct Shard {
+    index: u64,
+    nshards: u64,
+    /// The next id of this shard has counter `next_k * nshards + index`, so the shard of a
+    /// current-epoch id is `counter % nshards` (no scan, no index map).
+    pub next_k: u64,
+    pub products: FxHashMap<Arc<str>, Product>,
+    pub reservations: FxHashMap<u64, Entry>,
+    /// (expires_at, id) of Held reservations, and possibly stale entries of ones that left
+    /// Held (dropped lazily when they come due). A Held reservation always has its entry.
+    pub expiry: BTreeSet<(u64, u64)>,
+    /// Idempotency records keyed by the keyed hash of (user, req, sku).
+    pub idem: HashMap<u64, IdemRec, BuildHasherDefault<PreHashed>>,
+    /// (created at, key, id) in insertion order: oldest-first pruning and eviction.
+    pub idem_fifo: VecDeque<(u64, u64, ResId)>,
+}
+
+impl Shard {
+    pub(crate) fn new(index: usize, nshards: usize) -> Shard {
+        Shard {
+            index: index as u64,
+            nshards: nshards as u64,
+            next_k: 0,
+            products: FxHashMap::default(),
+            reservations: FxHashMap::default(),
+            expiry: BTreeSet::new(),
+            idem: HashMap::default(),
+            idem_fifo: VecDeque::new(),
+        }
+    }
+
+    /// Makes every id this shard issues from now on have a counter >= `floor`.
+    pub(crate) fn raise_floor(&mut self, floor: u64) {
+        let k = floor.saturating_sub(self.index).div_ceil(self.nshards);
+        self.next_k = self.next_k.max(k);
+    }
+
+    pub(crate) fn reserve(
+        &mut self,
+        r: ReserveRequest,
+        idem_key: u64,
+        epoch: u32,
+        idem_cap: usize,
+    ) -> Result<ReserveOutcome, InvError> {
+        // Disjoint field borrows: the product stays borrowed while the other maps are used.
+        let Some(product) = self.products.get_mut(&*r.sku) else {
+            return Err(InvError::UnknownSku);
+        };
+        if let Some(rec) = self.idem.get(&idem_key) {
+            return match &rec.ended {
+                Some(k) if same_key(k, &r) => Err(InvError::Ended { id: rec.id }),
+                Some(_) => Err(collision()),
+                None => match self.reservations.get(&rec.id.0) {
+                    Some(e) if e.res.user != r.user || e.res.req != r.req || e.res.sku != r.sku => {
+                        Err(collision())
+                    }
+                    Some(e) if e.state == State::Held => {
+                        Ok(ReserveOutcome::Existing(e.res.clone()))
+                    }
+                    Some(_) => Err(InvError::InFlight),
+                    None => Err(InvError::Ended { id: rec.id }),
+                },
+            };
+        }
+        let qty = u64::from(r.qty);
+        let limit = product.spec.limit_per_user;
+        if limit > 0 {
+            let used = product
+                .users
+                .get(&*r.user)
+                .map_or(0, |u| u.held.saturating_add(u.bought));
+            if used.saturating_add(qty) > u64::from(limit) {
+                return Err(InvError::LimitExceeded { limit, held: used });
+            }
+        }
+        if product.available < qty {
+            return Err(InvError::SoldOut {
+                available: product.available,
+            });
+        }
+        let id = alloc_id(&mut self.next_k, self.index, self.nshards, epoch)?;
+        let expires_at = r
+            .now
+            .saturating_add(u64::from(product.spec.ttl_s).saturating_mul(1000));
+        product.available -= qty;
+        product.reserved = product.reserved.saturating_add(qty);
+        match product.users.get_mut(&*r.user) {
+            Some(u) => u.held = u.held.saturating_add(qty),
+            None => {
+                product.users.insert(
+                    Arc::clone(&r.user),
+                    UserUnits {
+                        held: qty,
+                        bought: 0,
+                    },
+                );
+            }
+        }
+        let res = Reservation {
+            id,
+            user: r.user,
+            req: r.req,
+            room: r.room,
+            referrer: r.referrer,
+            sku: r.sku,
+            qty: r.qty,
+            price_cents: product.spec.price_cents,
+            expires_at,
+        };
+        let out = res.clone();
+        self.reservations.insert(
+            id.0,
+            Entry {
+                res,
+                state: State::Pending,
+                idem_key,
+            },
+        );
+        self.insert_idem(idem_key, IdemRec { id, ended: None }, r.now, idem_cap);
+        Ok(ReserveOutcome::New(out))
+    }
+
+    pub(crate) fn insert_idem(&mut self, key: u64, rec: IdemRec, at: u64, cap: usize) {
+        let id = rec.id;
+        self.idem.insert(key, rec);
+        self.idem_fifo.push_back((at, key, id));
+        while self.idem_fifo.len() > cap {
+            self.pop_idem();
+        }
+    }
+
+    fn pop_idem(&mut self) {
+        if let Some((_, key, id)) = self.idem_fifo.pop_front() {
+            if self.idem.get(&key).is_some_and(|r| r.id == id) {
+                self.idem.remove(&key);
+            }
+        }
+    }
+
+    /// Drops idempotency records created at or before `now - ttl`.
+    pub(crate) fn prune_idem(&mut self, now: u64, ttl: u64) {
+        while let Some(&(at, _, _)) = self.idem_fifo.front() {
+            if at.saturating_add(ttl) > now {
+                break;
+            }
+            self.pop_idem();
+        }
+    }
+
+    fn entry(&mut self, id: ResId) -> Result<&mut Entry, InvError> {
+        self.reservations.get_mut(&id.0).ok_or(InvError::NotFound)
+    }
+
+    pub(crate) fn confirm(&mut self, id: ResId) -> Result<(), InvError> {
+        let e = self.entry(id)?;
+        if e.state != State::Pending {
+            return Err(wrong_state(id, e.state, "pending"));
+        }
+        e.state = State::Held;
+        let key = (e.res.expires_at, id.0);
+        self.expiry.insert(key);
+        Ok(())
+    }
+
+    pub(crate) fn abort(&mut self, id: ResId) -> Result<(), InvError> {
+        let e = self.entry(id)?;
+        if e.state != State::Pending {
+            return Err(wrong_state(id, e.state, "pending"));
+        }
+        let Some(e) = self.reservations.remove(&id.0) else {
+            return Err(InvError::NotFound);
+        };
+        if let Some(p) = self.products.get_mut(&*e.res.sku) {
+            p.give_back(&e.res.user, u64::from(e.res.qty));
+        }
+        if self.idem.get(&e.idem_key).is_some_and(|r| r.id == id) {
+            self.idem.remove(&e.idem_key);
+        }
+        Ok(())
+    }
+
+    /// Moves a Held reservation of `user` (if `user` is given) to `to`, returning a copy.
+    pub(crate) fn begin(
+        &mut self,
+        user: Option<&str>,
+        id: ResId,
+        to: State,
+    ) -> Result<Reservation, InvError> {
+        let e = self.entry(id)?;
+        if user.is_some_and(|u| *e.res.user != *u) {
+            return Err(InvError::NotFound);
+        }
+        if e.state != State::Held {
+            return Err(wrong_state(id, e.state, "held"));
+        }
+        e.state = to;
+        Ok(e.res.clone())
+    }
+
+    /// Checks that `id` is in state `from` (for the validation pass of a batch).
+    pub(crate) fn check(&self, id: ResId, from: State) -> Result<(), InvError> {
+        let e = self.reservations.get(&id.0).ok_or(InvError::NotFound)?;
+        if e.state != from {
+            return Err(wrong_state(id, e.state, from.name()));
+        }
+        Ok(())
+    }
+
+    /// Ends a transition that left Held: `committed` ends the reservation (`sold` says how
+    /// its units go: bought or back to available); otherwise it is Held again.
+    pub(crate) fn finish(
+        &mut self,
+        id: ResId,
+        from: State,
+        committed: bool,
+        sold: bool,
+    ) -> Result<(), InvError> {
+        let e = self.entry(id)?;
+        if e.state != from {
+            return Err(wrong_state(id, e.state, from.name()));
+        }
+        if !committed {
+            e.state = State::Held;
+            let key = (e.res.expires_at, id.0);
+            self.expiry.insert(key);
+            return Ok(());
+        }
+        let Some(e) = self.reservations.remove(&id.0) else {
+            return Err(InvError::NotFound);
+        };
+        self.expiry.remove(&(e.res.expires_at, id.0));
+        let qty = u64::from(e.res.qty);
+        if let Some(p) = self.products.get_mut(&*e.res.sku) {
+            if sold {
+                p.sell(&e.res.user, qty);
+            } else {
+                p.give_back(&e.res.user, qty);
+            }
+        }
+        if let Some(rec) = self.idem.get_mut(&e.idem_key) {
+            if rec.id == id {
+                let Reservation { user, req, sku, .. } = e.res;
+                rec.ended = Some(EndedKey { user, req, sku });
+            }
+        }
+        Ok(())
+    }
+
+    /// Checkout validation of one id (owner, Held, not expired).
+    pub(crate) fn check_checkout(&self, user: &str, id: ResId, now: u64) -> Result<(), InvError> {
+        let e = self.reservations.get(&id.0).ok_or(InvError::NotFound)?;
+        if *e.res.user != *user {
+            return Err(InvError::NotFound);
+        }
+        if e.state != State::Held {
+            return Err(wrong_state(id, e.state, "held"));
+        }
+        if e.res.expires_at <= now {
+            return Err(InvError::Expired { id });
+        }
+        Ok(())
+    }
+
+    /// Moves due Held reservations to Expiring, appending them to `out` until it has `max`.
+    pub(crate) fn take_due(&mut self, now: u64, max: usize, out: &mut Vec<Reservation>) {
+        while out.len() < max {
+            let Some(&(at, raw)) = self.expiry.first() else {
+                break;
+            };
+            if at > now {
+                break;
+            }
+            self.expiry.pop_first();
+            if let Some(e) = self.reservations.get_mut(&raw) {
+                if e.state == State::Held && e.res.expires_at == at {
+                    e.state = State::Expiring;
+                    out.push(e.res.clone());
+                }
+            }
+        }
+    }
+}
+
+fn alloc_id(next_k: &mut u64, index: u64, nshards: u64, epoch: u32) -> Result<ResId, InvError> {
+    let counter = next_k
+        .checked_mul(nshards)
+        .and_then(|c| c.checked_add(index))
+        .filter(|&c| c <= COUNTER_MASK)
+        .ok_or_else(|| {
+            InvError::Conflict("reservation ids of this epoch are used up; restart".into())
+        })?;
+    *next_k += 1;
+    Ok(ResId::new(epoch, counter))
+}
+
+fn same_key(k: &EndedKey, r: &ReserveRequest) -> bool {
+    k.user == r.user && k.req == r.req && k.sku == r.sku
+}
+
+/// Two different (user, req, sku) with the same 64-bit keyed hash: about N^2 / 2^65 for N
+/// records, so practically never; answered as a conflict rather than guessed at.
+fn collision() -> InvError {
+    InvError::Conflict("idempotency key collision; use another req".into())
+}

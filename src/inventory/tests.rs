@@ -1,0 +1,626 @@
+//! Unit tests of the inventory core: one or more per operation and per error.
+
+use super::*;
+
+const SPEC: ProductSpec = ProductSpec {
+    price_cents: 1999,
+    limit_per_user: 0,
+    ttl_s: 60,
+};
+
+fn inv() -> Inventory {
+    Inventory::new(InventoryConfig {
+        shards: 8,
+        epoch: 3,
+        idempotency_ttl_ms: 10_000,
+        idempotency_cap_per_shard: 1000,
+    })
+}
+
+fn req(user: &str, req: &str, sku: &str, qty: u32, now: u64) -> ReserveRequest {
+    ReserveRequest {
+        user: user.into(),
+        req: req.into(),
+        room: "room1".into(),
+        referrer: None,
+        sku: sku.into(),
+        qty,
+        now,
+    }
+}
+
+fn new_res(inv: &Inventory, user: &str, r: &str, sku: &str, qty: u32, now: u64) -> Reservation {
+    match inv.reserve(req(user, r, sku, qty, now)) {
+        Ok(ReserveOutcome::New(res)) => res,
+        other => panic!("expected New, got {other:?}"),
+    }
+}
+
+fn held(inv: &Inventory, user: &str, r: &str, sku: &str, qty: u32, now: u64) -> Reservation {
+    let res = new_res(inv, user, r, sku, qty, now);
+    inv.confirm_reserve(res.id).expect("confirm");
+    res
+}
+
+fn counts(inv: &Inventory, sku: &str) -> (u64, u64, u64, u64) {
+    let c = inv.counts(sku).expect("sku");
+    assert_eq!(c.available, c.stocked - c.reserved - c.sold);
+    (c.stocked, c.available, c.reserved, c.sold)
+}
+
+#[test]
+fn res_id_text_round_trip_and_garbage() {
+    let id = ResId::new(7, 1234);
+    assert_eq!(id.to_string(), "r7-1234");
+    assert_eq!(ResId::parse("r7-1234"), Some(id));
+    assert_eq!("r7-1234".parse::<ResId>(), Ok(id));
+    let max = ResId::new(EPOCH_MASK, (1 << COUNTER_BITS) - 1);
+    assert_eq!(ResId::parse(&max.to_string()), Some(max));
+    assert!(max.to_string().len() <= 64);
+    for bad in [
+        "",
+        "r",
+        "r-",
+        "r1-",
+        "r-1",
+        "x1-2",
+        "r1_2",
+        "r01-2",
+        "r1-02",
+        "r+1-2",
+        "r1--2",
+        "r1-2-3",
+        "r99999999-1",
+        "r1-1099511627776",
+        "r1-99999999999999999999999",
+        "R1-2",
+        " r1-2",
+        "r1-2 ",
+        "r١-2",
+    ] {
+        assert_eq!(ResId::parse(bad), None, "{bad:?}");
+    }
+    assert_eq!(ResId::parse("r0-0"), Some(ResId::new(0, 0)));
+}
+
+#[test]
+fn upsert_creates_updates_and_refuses_stock_on_existing() {
+    let inv = inv();
+    let (created, c) = inv.upsert("a", SPEC, Some(5)).expect("create");
+    assert!(created);
+    assert_eq!((c.stocked, c.available), (5, 5));
+    let spec2 = ProductSpec {
+        price_cents: 500,
+        limit_per_user: 2,
+        ttl_s: 30,
+    };
+    let (created, c) = inv.upsert("a", spec2, None).expect("update");
+    assert!(!created);
+    assert_eq!(c.stocked, 5);
+    assert_eq!(inv.product("a").map(|p| p.0), Some(spec2));
+    assert!(matches!(
+        inv.upsert("a", SPEC, Some(1)),
+        Err(InvError::Conflict(_))
+    ));
+    assert_eq!(inv.upsert("b", SPEC, None).map(|x| x.1.stocked), Ok(0));
+    let bad = ProductSpec {
+        price_cents: -1,
+        ..SPEC
+    };
+    assert!(matches!(
+        inv.upsert("c", bad, None),
+        Err(InvError::Invalid(_))
+    ));
+    let bad = ProductSpec { ttl_s: 0, ..SPEC };
+    assert!(matches!(
+        inv.upsert("c", bad, None),
+        Err(InvError::Invalid(_))
+    ));
+    assert_eq!(inv.counts("c"), None);
+    assert_eq!(inv.available("a"), Some(5));
+    assert_eq!(inv.available("zzz"), None);
+}
+
+#[test]
+fn reserve_takes_units_and_sets_price_and_expiry() {
+    let inv = inv();
+    inv.upsert("a", SPEC, Some(10)).expect("create");
+    let r = new_res(&inv, "u1", "q1", "a", 3, 1000);
+    assert_eq!(r.qty, 3);
+    assert_eq!(r.price_cents, 1999);
+    assert_eq!(r.expires_at, 61_000);
+    assert_eq!(r.id.epoch(), 3);
+    assert_eq!(&*r.sku, "a");
+    assert_eq!(counts(&inv, "a"), (10, 7, 3, 0));
+    // A later price change does not touch the reservation.
+    inv.upsert(
+        "a",
+        ProductSpec {
+            price_cents: 1,
+            ..SPEC
+        },
+        None,
+    )
+    .expect("update");
+    assert_eq!(inv.reservation(r.id).map(|x| x.price_cents), Some(1999));
+}
+
+#[test]
+fn reserve_errors() {
+    let inv = inv();
+    inv.upsert("a", SPEC, Some(2)).expect("create");
+    assert_eq!(
+        inv.reserve(req("u", "q", "a", 0, 0)),
+        Err(InvError::InvalidQty)
+    );
+    assert_eq!(
+        inv.reserve(req("u", "q", "a", 100, 0)),
+        Err(InvError::InvalidQty)
+    );
+    assert_eq!(
+        inv.reserve(req("u", "q", "nope", 1, 0)),
+        Err(InvError::UnknownSku)
+    );
+    assert_eq!(
+        inv.reserve(req("u", "q", "a", 3, 0)),
+        Err(InvError::SoldOut { available: 2 })
+    );
+    new_res(&inv, "u", "q1", "a", 2, 0);
+    assert_eq!(
+        inv.reserve(req("u", "q2", "a", 1, 0)),
+        Err(InvError::SoldOut { available: 0 })
+    );
+    assert_eq!(counts(&inv, "a"), (2, 0, 2, 0));
+}
+
+#[test]
+fn reserve_is_idempotent_per_user_req_and_sku() {
+    let inv = inv();
+    inv.upsert("a", SPEC, Some(10)).expect("create");
+    inv.upsert("b", SPEC, Some(10)).expect("create");
+    let r = new_res(&inv, "u", "q", "a", 2, 0);
+    // Still Pending: the first write is in flight.
+    assert_eq!(
+        inv.reserve(req("u", "q", "a", 2, 5)),
+        Err(InvError::InFlight)
+    );
+    inv.confirm_reserve(r.id).expect("confirm");
+    assert_eq!(
+        inv.reserve(req("u", "q", "a", 2, 5)),
+        Ok(ReserveOutcome::Existing(r.clone()))
+    );
+    // Even with another qty the answer is the earlier reservation, and no stock moves.
+    assert_eq!(
+        inv.reserve(req("u", "q", "a", 1, 5)),
+        Ok(ReserveOutcome::Existing(r.clone()))
+    );
+    assert_eq!(counts(&inv, "a"), (10, 8, 2, 0));
+    // Another user with the same req, or the same user with another SKU: separate.
+    new_res(&inv, "v", "q", "a", 1, 0);
+    new_res(&inv, "u", "q", "b", 1, 0);
+    // Mid-release it is in flight too.
+    inv.begin_release("u", r.id).expect("begin");
+    assert_eq!(
+        inv.reserve(req("u", "q", "a", 2, 5)),
+        Err(InvError::InFlight)
+    );
+    inv.finish_release(r.id, true).expect("finish");
+    assert_eq!(
+        inv.reserve(req("u", "q", "a", 2, 5)),
+        Err(InvError::Ended { id: r.id })
+    );
+}
+
+#[test]
+fn limit_per_user_counts_held_and_bought() {
+    let inv = inv();
+    let spec = ProductSpec {
+        limit_per_user: 3,
+        ..SPEC
+    };
+    inv.upsert("a", spec, Some(100)).expect("create");
+    let r1 = held(&inv, "u", "q1", "a", 2, 0);
+    assert_eq!(
+        inv.reserve(req("u", "q2", "a", 2, 0)),
+        Err(InvError::LimitExceeded { limit: 3, held: 2 })
+    );
+    inv.begin_checkout("u", &[r1.id], 1).expect("checkout");
+    inv.finish_checkout(&[r1.id], true).expect("commit");
+    // Bought units count too.
+    assert_eq!(
+        inv.reserve(req("u", "q3", "a", 2, 0)),
+        Err(InvError::LimitExceeded { limit: 3, held: 2 })
+    );
+    let r2 = held(&inv, "u", "q4", "a", 1, 0);
+    assert!(matches!(
+        inv.reserve(req("u", "q5", "a", 1, 0)),
+        Err(InvError::LimitExceeded { .. })
+    ));
+    // Releasing frees the limit; other users are not affected.
+    inv.begin_release("u", r2.id).expect("begin");
+    inv.finish_release(r2.id, true).expect("finish");
+    held(&inv, "u", "q6", "a", 1, 0);
+    held(&inv, "v", "q1", "a", 3, 0);
+}
+
+#[test]
+fn confirm_and_abort() {
+    let inv = inv();
+    inv.upsert("a", SPEC, Some(5)).expect("create");
+    let r = new_res(&inv, "u", "q", "a", 2, 0);
+    inv.abort_reserve(r.id).expect("abort");
+    assert_eq!(counts(&inv, "a"), (5, 5, 0, 0));
+    assert_eq!(inv.confirm_reserve(r.id), Err(InvError::NotFound));
+    assert_eq!(inv.abort_reserve(r.id), Err(InvError::NotFound));
+    // The idempotency record went with it: a retry reserves anew.
+    let r2 = new_res(&inv, "u", "q", "a", 2, 0);
+    assert_ne!(r2.id, r.id);
+    inv.confirm_reserve(r2.id).expect("confirm");
+    assert!(matches!(
+        inv.confirm_reserve(r2.id),
+        Err(InvError::Conflict(_))
+    ));
+    assert!(matches!(
+        inv.abort_reserve(r2.id),
+        Err(InvError::Conflict(_))
+    ));
+    assert_eq!(
+        inv.confirm_reserve(ResId::new(3, 999_999)),
+        Err(InvError::NotFound)
+    );
+    assert_eq!(
+        inv.confirm_reserve(ResId::new(9, 1)),
+        Err(InvError::NotFound)
+    );
+}
+
+#[test]
+fn release_two_phase() {
+    let inv = inv();
+    inv.upsert("a", SPEC, Some(5)).expect("create");
+    let p = new_res(&inv, "u", "q0", "a", 1, 0);
+    assert!(matches!(
+        inv.begin_release("u", p.id),
+        Err(InvError::Conflict(_))
+    ));
+    let r = held(&inv, "u", "q", "a", 2, 0);
+    assert_eq!(inv.begin_release("v", r.id), Err(InvError::NotFound));
+    assert_eq!(inv.begin_release("u", r.id), Ok(r.clone()));
+    assert!(matches!(
+        inv.begin_release("u", r.id),
+        Err(InvError::Conflict(_))
+    ));
+    assert!(matches!(
+        inv.begin_checkout("u", &[r.id], 0),
+        Err(InvError::Conflict(_))
+    ));
+    assert!(matches!(
+        inv.finish_checkout(&[r.id], true),
+        Err(InvError::Conflict(_))
+    ));
+    inv.finish_release(r.id, false).expect("undo");
+    assert!(matches!(
+        inv.finish_release(r.id, true),
+        Err(InvError::Conflict(_))
+    ));
+    assert_eq!(counts(&inv, "a"), (5, 2, 3, 0));
+    inv.begin_release("u", r.id).expect("begin");
+    inv.finish_release(r.id, true).expect("commit");
+    assert_eq!(counts(&inv, "a"), (5, 4, 1, 0));
+    assert_eq!(inv.finish_release(r.id, true), Err(InvError::NotFound));
+    assert_eq!(inv.begin_release("u", r.id), Err(InvError::NotFound));
+}
+
+#[test]
+fn checkout_all_or_none() {
+    let inv = inv();
+    for s in ["a", "b", "c", "d", "e"] {
+        inv.upsert(s, SPEC, Some(10)).expect("create");
+    }
+    let ra = held(&inv, "u", "q1", "a", 1, 0);
+    let rb = held(&inv, "u", "q2", "b", 2, 0);
+    let rc = held(&inv, "u", "q3", "c", 3, 0);
+    let other = held(&inv, "v", "q1", "d", 1, 0);
+    let late = held(&inv, "u", "q4", "e", 1, 30_000);
+    assert_eq!(
+        inv.begin_checkout("u", &[], 0),
+        Err(InvError::Invalid("no reservation ids"))
+    );
+    assert!(matches!(
+        inv.begin_checkout("u", &[ra.id, ra.id], 0),
+        Err(InvError::Invalid(_))
+    ));
+    assert_eq!(
+        inv.begin_checkout("u", &[ra.id, other.id], 0),
+        Err(InvError::NotFound)
+    );
+    assert_eq!(
+        inv.begin_checkout("u", &[ra.id, ResId::new(3, 1 << 30)], 0),
+        Err(InvError::NotFound)
+    );
+    // rb, rc expire at 60_000; late at 90_000.
+    assert_eq!(
+        inv.begin_checkout("u", &[late.id, rb.id], 60_000),
+        Err(InvError::Expired { id: rb.id })
+    );
+    // Nothing changed by the failed attempts: all still Held.
+    let got = inv
+        .begin_checkout("u", &[rc.id, ra.id, rb.id], 59_999)
+        .expect("checkout");
+    assert_eq!(got, vec![rc.clone(), ra.clone(), rb.clone()]);
+    assert!(matches!(
+        inv.begin_checkout("u", &[ra.id], 0),
+        Err(InvError::Conflict(_))
+    ));
+    inv.finish_checkout(&[ra.id, rb.id, rc.id], false)
+        .expect("undo");
+    inv.begin_checkout("u", &[ra.id, rb.id, rc.id], 0)
+        .expect("again");
+    // A finish with one id not CheckingOut changes nothing.
+    assert!(matches!(
+        inv.finish_checkout(&[ra.id, late.id], true),
+        Err(InvError::Conflict(_))
+    ));
+    assert_eq!(counts(&inv, "a"), (10, 9, 1, 0));
+    inv.finish_checkout(&[ra.id, rb.id, rc.id], true)
+        .expect("commit");
+    assert_eq!(counts(&inv, "a"), (10, 9, 0, 1));
+    assert_eq!(counts(&inv, "b"), (10, 8, 0, 2));
+    assert_eq!(counts(&inv, "c"), (10, 7, 0, 3));
+    assert_eq!(
+        inv.reserve(req("u", "q2", "b", 2, 0)),
+        Err(InvError::Ended { id: rb.id })
+    );
+    assert_eq!(inv.finish_checkout(&[ra.id], true), Err(InvError::NotFound));
+}
+
+#[test]
+fn expiry_two_phase() {
+    let inv = inv();
+    inv.upsert("a", SPEC, Some(10)).expect("create");
+    let short = ProductSpec { ttl_s: 1, ..SPEC };
+    inv.upsert("b", short, Some(10)).expect("create");
+    let pending = new_res(&inv, "u", "q0", "b", 1, 0);
+    let r1 = held(&inv, "u", "q1", "b", 1, 0); // expires 1000
+    let r2 = held(&inv, "u", "q2", "b", 2, 500); // 1500
+    let r3 = held(&inv, "u", "q3", "a", 3, 0); // 60000
+    assert!(inv.take_due(999, 10).is_empty());
+    let due = inv.take_due(1500, 1);
+    assert_eq!(due, vec![r1.clone()]);
+    // Expiring: not releasable, not buyable, not taken twice.
+    assert!(matches!(
+        inv.begin_release("u", r1.id),
+        Err(InvError::Conflict(_))
+    ));
+    assert_eq!(inv.take_due(1500, 10), vec![r2.clone()]);
+    inv.finish_expire(&[r1.id], false).expect("undo");
+    inv.finish_expire(&[r2.id], true).expect("commit");
+    assert_eq!(counts(&inv, "b"), (10, 8, 2, 0));
+    assert!(matches!(
+        inv.finish_expire(&[r1.id], true),
+        Err(InvError::Conflict(_))
+    ));
+    // r1 comes back on a later sweep; the pending one is never taken.
+    assert_eq!(inv.take_due(2000, 10), vec![r1.clone()]);
+    inv.finish_expire(&[r1.id], true).expect("commit");
+    assert_eq!(counts(&inv, "b"), (10, 9, 1, 0));
+    assert_eq!(
+        inv.reserve(req("u", "q1", "b", 1, 3000)),
+        Err(InvError::Ended { id: r1.id })
+    );
+    // A released one is not handed out later (stale index entry dropped).
+    inv.begin_release("u", r3.id).expect("begin");
+    assert!(inv.take_due(70_000, 10).is_empty());
+    inv.finish_release(r3.id, false).expect("undo");
+    assert_eq!(inv.take_due(70_000, 10), vec![r3]);
+    inv.abort_reserve(pending.id).expect("abort");
+}
+
+#[test]
+fn restock_and_undo() {
+    let inv = inv();
+    inv.upsert("a", SPEC, Some(5)).expect("create");
+    held(&inv, "u", "q", "a", 3, 0);
+    assert_eq!(
+        inv.restock("a", 4).map(|c| (c.stocked, c.available)),
+        Ok((9, 6))
+    );
+    assert_eq!(
+        inv.restock("a", -6).map(|c| (c.stocked, c.available)),
+        Ok((3, 0))
+    );
+    assert!(matches!(inv.restock("a", -1), Err(InvError::Conflict(_))));
+    assert_eq!(inv.undo_restock("a", -6).map(|c| c.available), Ok(6));
+    assert_eq!(inv.undo_restock("a", 4).map(|c| c.available), Ok(2));
+    assert!(matches!(
+        inv.undo_restock("a", 3),
+        Err(InvError::Conflict(_))
+    ));
+    assert_eq!(inv.restock("nope", 1), Err(InvError::UnknownSku));
+    assert_eq!(inv.undo_restock("nope", 1), Err(InvError::UnknownSku));
+    assert!(matches!(
+        inv.restock("a", i64::MIN),
+        Err(InvError::Conflict(_))
+    ));
+    assert!(matches!(inv.undo_restock("a", i64::MIN), Ok(_)));
+    assert!(matches!(
+        inv.restock("a", i64::MAX),
+        Err(InvError::Conflict(_))
+    ));
+    assert_eq!(counts(&inv, "a").2, 3);
+}
+
+#[test]
+fn snapshot_restore_is_identity() {
+    let inv = inv();
+    let limited = ProductSpec {
+        limit_per_user: 4,
+        ..SPEC
+    };
+    inv.upsert("a", limited, Some(10)).expect("create");
+    inv.upsert("b", SPEC, Some(3)).expect("create");
+    let r1 = held(&inv, "u", "q1", "a", 2, 0);
+    let r2 = held(&inv, "u", "q2", "a", 1, 0);
+    inv.begin_checkout("u", &[r2.id], 0).expect("co");
+    inv.finish_checkout(&[r2.id], true).expect("commit");
+    let r3 = held(&inv, "v", "q1", "b", 3, 0);
+    let snap = inv.snapshot();
+    assert_eq!(snap.reservations, vec![r1.clone(), r3.clone()]);
+    assert_eq!(snap.idempotency.len(), 3);
+
+    let other = Inventory::new(InventoryConfig {
+        shards: 3,
+        ..InventoryConfig::default()
+    });
+    let sum = other.restore(snap.clone(), 0);
+    assert_eq!((sum.products, sum.reservations, sum.idempotency), (2, 2, 3));
+    assert!(sum.deficits.is_empty());
+    assert_eq!(other.snapshot(), snap);
+    for s in ["a", "b"] {
+        assert_eq!(other.counts(s), inv.counts(s));
+    }
+    // Restored ids are found although the shard count changed.
+    assert_eq!(other.reservation(r1.id), Some(r1.clone()));
+    assert_eq!(
+        other.reserve(req("u", "q1", "a", 2, 0)),
+        Ok(ReserveOutcome::Existing(r1.clone()))
+    );
+    assert_eq!(
+        other.reserve(req("u", "q2", "a", 1, 0)),
+        Err(InvError::Ended { id: r2.id })
+    );
+    // The limit remembers the bought unit: 2 held + 1 bought.
+    assert_eq!(
+        other.reserve(req("u", "q9", "a", 2, 0)),
+        Err(InvError::LimitExceeded { limit: 4, held: 3 })
+    );
+    other.begin_release("u", r1.id).expect("begin");
+    other.finish_release(r1.id, true).expect("finish");
+    assert_eq!(other.counts("a").map(|c| c.available), Some(9));
+}
+
+#[test]
+fn restore_into_same_epoch_never_reuses_ids() {
+    let inv = inv();
+    inv.upsert("a", SPEC, Some(100)).expect("create");
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        ids.push(held(&inv, "u", &format!("q{i}"), "a", 1, 0).id);
+    }
+    let snap = inv.snapshot();
+    let again = Inventory::new(InventoryConfig {
+        shards: 5,
+        epoch: 3,
+        ..InventoryConfig::default()
+    });
+    again.restore(snap, 0);
+    for i in 0..20 {
+        let r = held(&again, "w", &format!("q{i}"), "a", 1, 0);
+        assert!(!ids.contains(&r.id));
+        assert!(r.id > *ids.iter().max().expect("ids"));
+    }
+    for id in &ids {
+        assert!(again.reservation(*id).is_some());
+    }
+}
+
+#[test]
+fn restore_clamps_a_deficit_and_never_oversells() {
+    let inv = inv();
+    let mk = |id: u64, qty: u32| Reservation {
+        id: ResId::new(1, id),
+        user: "u".into(),
+        req: format!("q{id}").into(),
+        room: "r".into(),
+        referrer: Some("ref".into()),
+        sku: "a".into(),
+        qty,
+        price_cents: 10,
+        expires_at: 1000,
+    };
+    let state = RestoreState {
+        products: vec![RestoredProduct {
+            sku: "a".into(),
+            spec: SPEC,
+            stocked: 5,
+            sold: 3,
+        }],
+        bought: vec![("a".into(), "u".into(), 3), ("zz".into(), "u".into(), 1)],
+        reservations: vec![mk(1, 2), mk(2, 2), mk(2, 1), mk(3, 0)],
+        idempotency: vec![("u".into(), "q9".into(), "a".into(), ResId::new(1, 9), false)],
+    };
+    let sum = inv.restore(state, 0);
+    assert_eq!(sum.reservations, 2);
+    assert_eq!(sum.skipped_reservations, 2);
+    assert_eq!(sum.skipped_rows, 1);
+    assert_eq!(sum.deficits, vec![(Arc::from("a"), 2)]);
+    let c = inv.counts("a").expect("a");
+    assert_eq!((c.stocked, c.available, c.reserved, c.sold), (5, 0, 4, 3));
+    // A record whose reservation is gone is treated as ended.
+    assert_eq!(
+        inv.reserve(req("u", "q9", "a", 1, 0)),
+        Err(InvError::Ended {
+            id: ResId::new(1, 9)
+        })
+    );
+    // The first two units back pay the deficit; only then does stock become available.
+    let due = inv.take_due(1000, 10);
+    assert_eq!(due.len(), 2);
+    inv.finish_expire(&[due[0].id], true).expect("expire");
+    assert_eq!(inv.available("a"), Some(0));
+    inv.finish_expire(&[due[1].id], true).expect("expire");
+    let c = inv.counts("a").expect("a");
+    assert_eq!((c.stocked, c.available, c.reserved, c.sold), (5, 2, 0, 3));
+}
+
+#[test]
+fn idempotency_records_expire_and_are_capped() {
+    let inv = Inventory::new(InventoryConfig {
+        shards: 1,
+        epoch: 0,
+        idempotency_ttl_ms: 1000,
+        idempotency_cap_per_shard: 2,
+    });
+    inv.upsert("a", SPEC, Some(100)).expect("create");
+    let r1 = held(&inv, "u", "q1", "a", 1, 0);
+    inv.begin_release("u", r1.id).expect("begin");
+    inv.finish_release(r1.id, true).expect("finish");
+    assert_eq!(
+        inv.reserve(req("u", "q1", "a", 1, 500)),
+        Err(InvError::Ended { id: r1.id })
+    );
+    // The sweep at the TTL drops the record: the req is new again.
+    assert!(inv.take_due(1000, 10).is_empty());
+    let r1b = held(&inv, "u", "q1", "a", 1, 1000);
+    assert_ne!(r1b.id, r1.id);
+    // Cap 2: a third record evicts the oldest.
+    held(&inv, "u", "q2", "a", 1, 1000);
+    held(&inv, "u", "q3", "a", 1, 1000);
+    assert!(matches!(
+        inv.reserve(req("u", "q1", "a", 1, 1000)),
+        Ok(ReserveOutcome::New(_))
+    ));
+}
+
+#[test]
+fn inventory_is_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<Inventory>();
+}
+
+#[test]
+fn error_codes() {
+    assert_eq!(InvError::UnknownSku.code(), "not_found");
+    assert_eq!(InvError::SoldOut { available: 0 }.code(), "sold_out");
+    assert_eq!(
+        InvError::LimitExceeded { limit: 1, held: 1 }.code(),
+        "limit_exceeded"
+    );
+    assert_eq!(InvError::NotFound.code(), "not_found");
+    assert_eq!(InvError::Expired { id: ResId(1) }.code(), "expired");
+    assert_eq!(InvError::Conflict(String::new()).code(), "conflict");
+    assert_eq!(InvError::InFlight.code(), "conflict");
+    assert_eq!(InvError::Ended { id: ResId(1) }.code(), "conflict");
+    assert_eq!(InvError::InvalidQty.code(), "bad_request");
+    assert_eq!(InvError::Invalid("x").code(), "bad_request");
+}
