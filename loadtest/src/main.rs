@@ -1,0 +1,157 @@
+//! `livegate-loadtest`: a load-test harness that speaks livegate's wire protocol like real
+//! viewer apps and anchor consoles. This file is only the CLI: it parses flags, sets up the
+//! run context (an external gateway, or `--spawn`ed Redis + gateway), runs one scenario,
+//! prints and writes the report, and exits non-zero when an invariant broke.
+
+mod client;
+mod ctx;
+mod nats;
+mod net;
+mod report;
+mod scenarios;
+mod spawn;
+mod tokens;
+mod verify;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use ctx::{Common, Ctx};
+use report::Report;
+use scenarios::{checkout, fanout, idle, rush, soak};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Load-test harness for livegate (loopback only)")]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand, Debug)]
+enum Scenario {
+    /// Pin/unpin broadcast delivery to N viewers in R rooms (optionally vs NATS).
+    Fanout(fanout::Args),
+    /// N viewers press add_to_cart at once on S units (optionally vs the Lua baseline).
+    Rush(rush::Args),
+    /// Reserve then checkout; orders per second end to end; every order stored once.
+    Checkout(checkout::Args),
+    /// Viewers joining, leaving, commenting and liking; server RSS over time.
+    Soak(soak::Args),
+    /// N idle connections; server memory per connection.
+    Idle(idle::Args),
+}
+
+fn conns(s: &Scenario, smoke: bool) -> usize {
+    match s {
+        Scenario::Fanout(a) => a.viewers.unwrap_or(1000) + a.rooms.unwrap_or(4),
+        Scenario::Rush(a) => rush::sizes(a, smoke).0 + 1,
+        Scenario::Checkout(a) => a.viewers.unwrap_or(1000) + 1,
+        Scenario::Soak(a) => a.viewers.unwrap_or(500) + 1,
+        Scenario::Idle(a) => a.connections.unwrap_or(5000) + 1,
+    }
+}
+
+async fn run(cli: Cli) -> Result<bool> {
+    let mut common = cli.common;
+    if common.smoke && !common.spawn && common.secret.is_none() {
+        common.spawn = true;
+    }
+    let n = conns(&cli.scenario, common.smoke);
+    let (json_path, plot_path) = (common.json.clone(), common.plot.clone());
+    let mut report = Report::new(match &cli.scenario {
+        Scenario::Fanout(_) => "fanout",
+        Scenario::Rush(_) => "rush",
+        Scenario::Checkout(_) => "checkout",
+        Scenario::Soak(_) => "soak",
+        Scenario::Idle(_) => "idle",
+    });
+    if let Scenario::Rush(a) = &cli.scenario {
+        if a.compare_lua {
+            anyhow::ensure!(
+                common.spawn,
+                "--compare-lua needs --spawn (it starts the gateway twice)"
+            );
+            let mut a = a.clone();
+            a.target = rush::Target::Gateway;
+            let (ctx, sp) = Ctx::setup(&common, n, &[]).await?;
+            let core = rush::run(&ctx, &common, &a, "core", &mut report).await;
+            stop(sp, &mut report).await;
+            let core = core?;
+            let (ctx, sp) = Ctx::setup(&common, n, &rush::Target::Lua.env()).await?;
+            if !spawn::binary_mentions(
+                &spawn::gateway_bin(common.gateway_bin.as_deref())?,
+                "LIVEGATE_RESERVE_MODE",
+            ) {
+                report.note("the gateway binary does not mention LIVEGATE_RESERVE_MODE: the `lua` run probably used the normal path");
+            }
+            a.target = rush::Target::Lua;
+            let lua = rush::run(&ctx, &common, &a, "lua", &mut report).await;
+            stop(sp, &mut report).await;
+            let lua = lua?;
+            let ratio = |x: f64, y: f64| if y > 0.0 { x / y } else { f64::NAN };
+            report.row(
+                "ratio core/lua reserved/s",
+                ratio(core.reserved_per_sec, lua.reserved_per_sec),
+            );
+            report.row(
+                "ratio core/lua p50",
+                ratio(core.p50_us as f64, lua.p50_us as f64),
+            );
+            report.row(
+                "ratio core/lua p99",
+                ratio(core.p99_us as f64, lua.p99_us as f64),
+            );
+            return report.finish(json_path.as_deref(), plot_path.as_deref());
+        }
+    }
+    let env = match &cli.scenario {
+        Scenario::Rush(a) => a.target.env(),
+        _ => vec![],
+    };
+    let (ctx, sp) = Ctx::setup(&common, n, &env).await?;
+    let result = match &cli.scenario {
+        Scenario::Fanout(a) => fanout::run(&ctx, &common, a, &mut report).await,
+        Scenario::Rush(a) => {
+            let label = if a.target == rush::Target::Lua {
+                "lua"
+            } else {
+                "core"
+            };
+            rush::run(&ctx, &common, a, label, &mut report)
+                .await
+                .map(|_| ())
+        }
+        Scenario::Checkout(a) => checkout::run(&ctx, &common, a, &mut report).await,
+        Scenario::Soak(a) => soak::run(&ctx, &common, a, &mut report).await,
+        Scenario::Idle(a) => idle::run(&ctx, &common, a, &mut report).await,
+    };
+    stop(sp, &mut report).await;
+    result?;
+    report.finish(json_path.as_deref(), plot_path.as_deref())
+}
+
+async fn stop(sp: Option<ctx::Spawned>, report: &mut Report) {
+    if let Some(sp) = sp {
+        let log = sp.gateway.log_path.clone();
+        if !sp.stop().await {
+            report.note(format!(
+                "the spawned gateway did not exit 0 within 10 s of SIGTERM (log: {})",
+                log.display()
+            ));
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(true) => {}
+        Ok(false) => std::process::exit(1),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! The scenarios, one file each: `fanout` (broadcast delivery latency, NATS baseline),
+//! `rush` (flash-sale reservations, Lua baseline), `checkout` (orders end to end),
+//! `soak` (churn over time, server RSS) and `idle` (memory per idle connection).
+
+pub mod checkout;
+pub mod fanout;
+pub mod idle;
+pub mod rush;
+pub mod soak;

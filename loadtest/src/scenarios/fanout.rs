@@ -1,0 +1,588 @@
+//! `fanout`: N viewers spread over R rooms; one anchor connection per room opens it, puts K
+//! products on the shelf, then alternates `pin` (cycling through the SKUs) and `unpin` at
+//! `--rate` events per second per room. The harness stores the send instant of event k of
+//! each room; a viewer's k-th `pinned`/`unpinned` broadcast must be event k (type and SKU are
+//! checked), and its latency is receive − send on the same monotonic clock. Every event must
+//! reach every viewer: a missing delivery, an out-of-order event or a `seq` gap is a failure.
+//! `--baseline nats` repeats the same delivery pattern through nats-server over WebSocket
+//! (same viewers, same rate, payloads shaped like the `pinned` broadcast) and prints the
+//! livegate / NATS ratios.
+
+use crate::client::{Event, Handler};
+use crate::ctx::{duration, Common, Ctx};
+use crate::nats::{NatsServer, NatsWs};
+use crate::report::{histogram, record, Report};
+use anyhow::{bail, Result};
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Viewer connections [default: 1000; smoke: 60].
+    #[arg(long)]
+    pub viewers: Option<usize>,
+    /// Rooms [default: 4; smoke: 2].
+    #[arg(long)]
+    pub rooms: Option<usize>,
+    /// Pin/unpin events per second per room (one anchor connection per room, so keep it
+    /// under the per-connection command rate limit, 20/s by default).
+    #[arg(long, default_value_t = 5.0)]
+    pub rate: f64,
+    /// Products per room the pins cycle through.
+    #[arg(long, default_value_t = 8)]
+    pub products: usize,
+    /// Run the same pattern through a baseline too.
+    #[arg(long, value_enum)]
+    pub baseline: Option<Baseline>,
+    /// nats-server binary for --baseline nats.
+    #[arg(long, default_value = "/usr/sbin/nats-server")]
+    pub nats_server: PathBuf,
+    /// Run only the baseline (no gateway needed; for checking the baseline itself).
+    #[arg(long, requires = "baseline")]
+    pub baseline_only: bool,
+    /// Seconds to wait for late deliveries after the last event.
+    #[arg(long, default_value_t = 3)]
+    pub drain: u64,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum Baseline {
+    Nats,
+}
+
+/// The schedule of one room: event k is a pin of SKU k/2 % K when k is even, an unpin when odd.
+struct RoomPlan {
+    id: String,
+    skus: Vec<String>,
+    sends: Box<[OnceLock<Instant>]>,
+    sent: AtomicUsize,
+}
+
+impl RoomPlan {
+    fn expected(&self, k: usize) -> Option<&str> {
+        (k % 2 == 0).then(|| self.skus[(k / 2) % self.skus.len()].as_str())
+    }
+
+    /// The broadcast-shaped payload of event k (used for the NATS baseline).
+    fn payload(&self, k: usize, seq: u64) -> Vec<u8> {
+        let v = match self.expected(k) {
+            Some(sku) => json!({"type": "pinned", "room": self.id, "seq": seq, "sku": sku}),
+            None => json!({"type": "unpinned", "room": self.id, "seq": seq}),
+        };
+        serde_json::to_vec(&v).unwrap_or_default()
+    }
+}
+
+/// Delivery accounting shared by the livegate and the NATS viewers.
+struct Tally {
+    hists: Vec<Mutex<Histogram<u64>>>,
+    mismatches: AtomicU64,
+    seq_gaps: AtomicU64,
+    undecodable: AtomicU64,
+    disconnects: AtomicU64,
+    /// Set when the harness closes its own connections, so those closes are not counted.
+    closing: AtomicBool,
+    first_problem: Mutex<Option<String>>,
+}
+
+impl Tally {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            hists: (0..16).map(|_| Mutex::new(histogram())).collect(),
+            mismatches: AtomicU64::new(0),
+            seq_gaps: AtomicU64::new(0),
+            undecodable: AtomicU64::new(0),
+            disconnects: AtomicU64::new(0),
+            closing: AtomicBool::new(false),
+            first_problem: Mutex::new(None),
+        })
+    }
+
+    fn problem(&self, what: String) {
+        let mut p = self.first_problem.lock().unwrap();
+        if p.is_none() {
+            *p = Some(what);
+        }
+    }
+
+    fn merged(&self) -> Histogram<u64> {
+        let mut h = histogram();
+        for s in &self.hists {
+            let _ = h.add(&*s.lock().unwrap());
+        }
+        h
+    }
+}
+
+struct Viewer {
+    idx: usize,
+    room: usize,
+    received: AtomicUsize,
+    last_seq: AtomicU64,
+    closed: AtomicBool,
+}
+
+/// Accounts one pin/unpin message received by viewer `v`.
+fn on_pin_event(t: &Tally, plan: &RoomPlan, v: &Viewer, msg: &Value, now: Instant) {
+    let kind = msg["type"].as_str().unwrap_or("");
+    let k = v.received.fetch_add(1, Ordering::Relaxed);
+    let ok = match (plan.expected(k), kind) {
+        (Some(sku), "pinned") => msg["sku"] == sku,
+        (None, "unpinned") => true,
+        _ => false,
+    };
+    if !ok {
+        t.mismatches.fetch_add(1, Ordering::Relaxed);
+        t.problem(format!(
+            "viewer {} room {}: event #{k} expected {:?}, got {msg}",
+            v.idx,
+            plan.id,
+            plan.expected(k).unwrap_or("unpinned")
+        ));
+        return;
+    }
+    match plan.sends.get(k).and_then(OnceLock::get) {
+        Some(sent) => {
+            let mut h = t.hists[v.idx % t.hists.len()].lock().unwrap();
+            record(&mut h, now.saturating_duration_since(*sent));
+        }
+        None => {
+            t.mismatches.fetch_add(1, Ordering::Relaxed);
+            t.problem(format!(
+                "viewer {} got event #{k} that was never sent: {msg}",
+                v.idx
+            ));
+        }
+    }
+}
+
+struct Phase {
+    label: &'static str,
+    hist: Histogram<u64>,
+    delivered: u64,
+    expected: u64,
+    missing: u64,
+    mismatches: u64,
+    seq_gaps: u64,
+    disconnects: u64,
+    elapsed: Duration,
+    connect_errors: usize,
+    first_problem: Option<String>,
+}
+
+impl Phase {
+    fn per_sec(&self) -> f64 {
+        self.delivered as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    fn report(&self, r: &mut Report) {
+        let l = self.label;
+        r.row(&format!("{l} connect errors"), self.connect_errors);
+        r.row(&format!("{l} deliveries expected"), self.expected);
+        r.row(&format!("{l} deliveries"), self.delivered);
+        r.row(&format!("{l} deliveries/s"), self.per_sec());
+        r.row(&format!("{l} missing"), self.missing);
+        r.row(&format!("{l} out of order/mismatched"), self.mismatches);
+        if l == "livegate" {
+            r.row(&format!("{l} seq gaps"), self.seq_gaps);
+        }
+        r.row(&format!("{l} disconnects"), self.disconnects);
+        r.latency(&format!("{l} delivery"), &self.hist);
+        if self.connect_errors > 0 {
+            r.fail(format!(
+                "{l}: {} viewers could not connect/join",
+                self.connect_errors
+            ));
+        }
+        if self.missing > 0 {
+            r.fail(format!("{l}: {} deliveries missing", self.missing));
+        }
+        if self.mismatches > 0 {
+            r.fail(format!(
+                "{l}: {} events out of order or wrong",
+                self.mismatches
+            ));
+        }
+        if self.seq_gaps > 0 {
+            r.fail(format!("{l}: {} seq gaps", self.seq_gaps));
+        }
+        if let Some(p) = &self.first_problem {
+            r.note(format!("{l} first problem: {p}"));
+        }
+    }
+}
+
+fn plans(ctx: &Ctx, rooms: usize, products: usize, events: usize) -> Vec<Arc<RoomPlan>> {
+    (0..rooms)
+        .map(|r| {
+            let id = format!("fan-{}-{r}", ctx.run_id);
+            Arc::new(RoomPlan {
+                skus: (0..products.max(2)).map(|p| format!("{id}-p{p}")).collect(),
+                id,
+                sends: (0..events).map(|_| OnceLock::new()).collect(),
+                sent: AtomicUsize::new(0),
+            })
+        })
+        .collect()
+}
+
+pub async fn run(ctx: &Ctx, common: &Common, a: &Args, report: &mut Report) -> Result<()> {
+    let viewers = a.viewers.unwrap_or(if ctx.smoke { 60 } else { 1000 });
+    let rooms = a.rooms.unwrap_or(if ctx.smoke { 2 } else { 4 }).max(1);
+    let dur = duration(common, 8, 30)?;
+    if a.rate <= 0.0 || a.rate > 1000.0 {
+        bail!("--rate must be in (0, 1000]");
+    }
+    let events = ((a.rate * dur.as_secs_f64()).ceil() as usize).max(2);
+    report.data(
+        "params",
+        json!({"viewers": viewers, "rooms": rooms, "rate_per_room": a.rate, "duration_s": dur.as_secs_f64(),
+               "events_per_room": events, "encoding": common.encoding, "products": a.products}),
+    );
+    if a.baseline_only {
+        let nats = nats_phase(ctx, a, viewers, rooms, events, dur).await?;
+        nats.report(report);
+        return Ok(());
+    }
+    let lg = livegate_phase(ctx, a, viewers, rooms, events, dur).await?;
+    lg.report(report);
+    if let Some(Baseline::Nats) = a.baseline {
+        let nats = nats_phase(ctx, a, viewers, rooms, events, dur).await?;
+        nats.report(report);
+        let ratio = |x: f64, y: f64| if y > 0.0 { x / y } else { f64::NAN };
+        if !lg.hist.is_empty() && !nats.hist.is_empty() {
+            report.row(
+                "ratio livegate/nats p50",
+                ratio(
+                    lg.hist.value_at_quantile(0.5) as f64,
+                    nats.hist.value_at_quantile(0.5) as f64,
+                ),
+            );
+            report.row(
+                "ratio livegate/nats p99",
+                ratio(
+                    lg.hist.value_at_quantile(0.99) as f64,
+                    nats.hist.value_at_quantile(0.99) as f64,
+                ),
+            );
+        }
+        report.row(
+            "ratio livegate/nats deliveries/s",
+            ratio(lg.per_sec(), nats.per_sec()),
+        );
+    }
+    Ok(())
+}
+
+async fn livegate_phase(
+    ctx: &Ctx,
+    a: &Args,
+    viewers: usize,
+    rooms: usize,
+    events: usize,
+    dur: Duration,
+) -> Result<Phase> {
+    let plans = plans(ctx, rooms, a.products, events);
+    let room_ids: Vec<String> = plans.iter().map(|p| p.id.clone()).collect();
+    let anchor_token = ctx
+        .minter
+        .anchor(&format!("anchor-{}", ctx.run_id), &room_ids)?;
+    // One anchor connection per room: the per-connection command rate limit applies.
+    let mut anchors = Vec::new();
+    for (r, plan) in plans.iter().enumerate() {
+        let c = ctx
+            .dialer
+            .connect(r, &anchor_token, crate::client::ignore())
+            .await?;
+        c.expect(
+            json!({"type": "open_room", "room": plan.id, "title": format!("fanout {r}")}),
+            "ack",
+        )
+        .await?;
+        for (p, sku) in plan.skus.iter().enumerate() {
+            c.expect(
+                json!({"type": "upsert_product", "room": plan.id, "sku": sku, "title": format!("product {p}"),
+                       "price_cents": 1000 + p as i64, "stock": 1000}),
+                "ack",
+            )
+            .await?;
+        }
+        anchors.push(c);
+    }
+    let tally = Tally::new();
+    let states: Vec<Arc<Viewer>> = (0..viewers)
+        .map(|i| {
+            Arc::new(Viewer {
+                idx: i,
+                room: i % rooms,
+                received: AtomicUsize::new(0),
+                last_seq: AtomicU64::new(0),
+                closed: AtomicBool::new(false),
+            })
+        })
+        .collect();
+    let run_id = ctx.run_id.clone();
+    let results = ctx
+        .ramp(viewers, "viewers", |i| {
+            let v = states[i].clone();
+            let plan = plans[v.room].clone();
+            let t = tally.clone();
+            let dialer = ctx.dialer.clone();
+            let token = ctx.minter.viewer(&format!("v-{run_id}-{i}"));
+            async move {
+                let token = token?;
+                let hv = v.clone();
+                let room_id = plan.id.clone();
+                let handler: Handler = Arc::new(move |e| match e {
+                    Event::Msg(msg, now) => {
+                        if let Some(seq) = msg.get("seq").and_then(Value::as_u64) {
+                            let last = hv.last_seq.swap(seq, Ordering::Relaxed);
+                            if last != 0 && seq != last + 1 {
+                                t.seq_gaps.fetch_add(1, Ordering::Relaxed);
+                                t.problem(format!(
+                                    "viewer {}: seq {last} then {seq}: {msg}",
+                                    hv.idx
+                                ));
+                            }
+                        }
+                        match msg["type"].as_str() {
+                            Some("pinned" | "unpinned") => on_pin_event(&t, &plan, &hv, msg, now),
+                            Some("_undecodable") => {
+                                t.undecodable.fetch_add(1, Ordering::Relaxed);
+                            }
+                            _ => {}
+                        }
+                    }
+                    Event::Closed(code) => {
+                        if !hv.closed.swap(true, Ordering::Relaxed)
+                            && !t.closing.load(Ordering::Relaxed)
+                        {
+                            t.disconnects.fetch_add(1, Ordering::Relaxed);
+                            t.problem(format!(
+                                "viewer {} disconnected (close code {code:?})",
+                                hv.idx
+                            ));
+                        }
+                    }
+                });
+                let c = dialer.connect(i, &token, handler).await?;
+                let reply = c
+                    .expect(json!({"type": "join", "room": room_id}), "room_state")
+                    .await?;
+                if let Some(seq) = reply.msg["seq"].as_u64() {
+                    v.last_seq.fetch_max(seq, Ordering::Relaxed);
+                }
+                Ok(c)
+            }
+        })
+        .await;
+    let mut clients = Vec::new();
+    let mut connect_errors = 0;
+    let mut first_err = None;
+    for r in results {
+        match r {
+            Ok(c) => clients.push(c),
+            Err(e) => {
+                connect_errors += 1;
+                first_err.get_or_insert(format!("{e:#}"));
+            }
+        }
+    }
+    if let Some(e) = &first_err {
+        eprintln!("livegate: {connect_errors} viewers failed to connect/join; first: {e}");
+    }
+    // Pin/unpin phase: one task per room.
+    let pb = ctx.progress((events * rooms) as u64, "pins");
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    let anchor_errors = Arc::new(AtomicU64::new(0));
+    for (plan, anchor) in plans.iter().cloned().zip(anchors.iter().cloned()) {
+        let pb = pb.clone();
+        let errs = anchor_errors.clone();
+        let period = Duration::from_secs_f64(1.0 / a.rate);
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            for k in 0..events {
+                tick.tick().await;
+                let msg = match plan.expected(k) {
+                    Some(sku) => json!({"type": "pin", "room": plan.id, "sku": sku}),
+                    None => json!({"type": "unpin", "room": plan.id}),
+                };
+                let _ = plan.sends[k].set(Instant::now());
+                plan.sent.store(k + 1, Ordering::Release);
+                match anchor.request(msg).await {
+                    Ok(r) if r.kind() == "ack" => {}
+                    Ok(r) => {
+                        errs.fetch_add(1, Ordering::Relaxed);
+                        eprintln!("anchor {}: event {k}: {}", plan.id, r.msg);
+                    }
+                    Err(e) => {
+                        errs.fetch_add(1, Ordering::Relaxed);
+                        eprintln!("anchor {}: event {k}: {e:#}", plan.id);
+                        break;
+                    }
+                }
+                pb.inc(1);
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let elapsed = start.elapsed().max(dur.min(Duration::from_millis(1)));
+    pb.finish_and_clear();
+    tokio::time::sleep(Duration::from_secs(a.drain)).await;
+    let anchor_errors = anchor_errors.load(Ordering::Relaxed);
+    let mut expected = 0u64;
+    let mut delivered = 0u64;
+    let mut missing = 0u64;
+    for v in &states[..] {
+        let sent = plans[v.room].sent.load(Ordering::Acquire) as u64;
+        let got = v.received.load(Ordering::Relaxed) as u64;
+        expected += sent;
+        delivered += got.min(sent);
+        missing += sent.saturating_sub(got);
+    }
+    let disconnects = tally.disconnects.load(Ordering::Relaxed);
+    tally.closing.store(true, Ordering::Relaxed);
+    for c in clients.iter().chain(anchors.iter()) {
+        c.close().await;
+    }
+    let mut phase = Phase {
+        label: "livegate",
+        hist: tally.merged(),
+        delivered,
+        expected,
+        missing,
+        mismatches: tally.mismatches.load(Ordering::Relaxed) + anchor_errors,
+        seq_gaps: tally.seq_gaps.load(Ordering::Relaxed),
+        disconnects,
+        elapsed,
+        connect_errors,
+        first_problem: tally.first_problem.lock().unwrap().clone(),
+    };
+    if phase.first_problem.is_none() {
+        phase.first_problem = first_err;
+    }
+    Ok(phase)
+}
+
+async fn nats_phase(
+    ctx: &Ctx,
+    a: &Args,
+    viewers: usize,
+    rooms: usize,
+    events: usize,
+    dur: Duration,
+) -> Result<Phase> {
+    let server = NatsServer::start(&a.nats_server).await?;
+    let addr = server.ws_addr;
+    let plans = plans(ctx, rooms, a.products, events);
+    let tally = Tally::new();
+    let states: Vec<Arc<Viewer>> = (0..viewers)
+        .map(|i| {
+            Arc::new(Viewer {
+                idx: i,
+                room: i % rooms,
+                received: AtomicUsize::new(0),
+                last_seq: AtomicU64::new(0),
+                closed: AtomicBool::new(false),
+            })
+        })
+        .collect();
+    let sources = ctx.dialer.sources;
+    let results = ctx
+        .ramp(viewers, "nats viewers", |i| {
+            let v = states[i].clone();
+            let plan = plans[v.room].clone();
+            let t = tally.clone();
+            async move {
+                let hv = v.clone();
+                let subject = format!("room.{}", plan.id);
+                let on_msg: crate::nats::OnMsg = Arc::new(move |_subj, payload, now| {
+                    match serde_json::from_slice::<Value>(payload) {
+                        Ok(msg) => on_pin_event(&t, &plan, &hv, &msg, now),
+                        Err(_) => {
+                            t.undecodable.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+                NatsWs::connect(&sources, i, addr, Some(&subject), on_msg).await
+            }
+        })
+        .await;
+    let mut clients = Vec::new();
+    let mut connect_errors = 0;
+    let mut first_err = None;
+    for r in results {
+        match r {
+            Ok(c) => clients.push(c),
+            Err(e) => {
+                connect_errors += 1;
+                first_err.get_or_insert(format!("{e:#}"));
+            }
+        }
+    }
+    let mut publishers = Vec::new();
+    for r in 0..rooms {
+        publishers.push(NatsWs::connect(&sources, r, addr, None, Arc::new(|_, _, _| {})).await?);
+    }
+    let pb = ctx.progress((events * rooms) as u64, "nats pubs");
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (plan, publisher) in plans.iter().cloned().zip(publishers.iter().cloned()) {
+        let pb = pb.clone();
+        let period = Duration::from_secs_f64(1.0 / a.rate);
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            let subject = format!("room.{}", plan.id);
+            for k in 0..events {
+                tick.tick().await;
+                let payload = plan.payload(k, k as u64 + 1);
+                let _ = plan.sends[k].set(Instant::now());
+                plan.sent.store(k + 1, Ordering::Release);
+                if publisher.publish(&subject, &payload).await.is_err() {
+                    break;
+                }
+                pb.inc(1);
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let elapsed = start.elapsed().max(dur.min(Duration::from_millis(1)));
+    pb.finish_and_clear();
+    tokio::time::sleep(Duration::from_secs(a.drain)).await;
+    let mut expected = 0u64;
+    let mut delivered = 0u64;
+    let mut missing = 0u64;
+    for v in &states[..] {
+        let sent = plans[v.room].sent.load(Ordering::Acquire) as u64;
+        let got = v.received.load(Ordering::Relaxed) as u64;
+        expected += sent;
+        delivered += got.min(sent);
+        missing += sent.saturating_sub(got);
+    }
+    drop(clients);
+    drop(publishers);
+    server.stop().await;
+    let first_problem = tally.first_problem.lock().unwrap().clone().or(first_err);
+    Ok(Phase {
+        label: "nats",
+        hist: tally.merged(),
+        delivered,
+        expected,
+        missing,
+        mismatches: tally.mismatches.load(Ordering::Relaxed),
+        seq_gaps: 0,
+        disconnects: 0,
+        elapsed,
+        connect_errors,
+        first_problem,
+    })
+}

@@ -1,0 +1,422 @@
+//! `rush`: the flash-sale moment. An anchor opens a room, stocks one SKU with S units and pins
+//! it; N viewers join, then all press `add_to_cart` at the same instant (a shared go signal
+//! after every viewer is connected and joined). Measured: confirmed reservations per second,
+//! reply latency. Checked: every request got exactly one reply; `reserved` ≤ S units;
+//! `reserved` + `sold_out` + other errors == N and, without errors, `reserved` == min(S, N);
+//! every `reserved` reply is in Redis (a `kind=reserved` entry of `P:events`, or an active
+//! entry of `P:reservations`); the stream's net reserved units never exceed the product's
+//! `stocked`; a retry with the same `req` returns the same reservation.
+
+use crate::client::Client;
+use crate::ctx::{Common, Ctx};
+use crate::report::{histogram, record, Report};
+use crate::verify;
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Viewers pressing add_to_cart at once [default: 2000; smoke: 200].
+    #[arg(long)]
+    pub viewers: Option<usize>,
+    /// Units of stock [default: half the viewers].
+    #[arg(long)]
+    pub stock: Option<u64>,
+    /// Units per add_to_cart.
+    #[arg(long, default_value_t = 1)]
+    pub qty: u64,
+    /// Which reservation path of a --spawn'ed gateway to measure (lua sets
+    /// LIVEGATE_RESERVE_MODE=lua, the Lua-per-request baseline).
+    #[arg(long, value_enum, default_value = "gateway")]
+    pub target: Target,
+    /// With --spawn: run the rush twice (in-memory core, then Lua) and print the ratios.
+    #[arg(long)]
+    pub compare_lua: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    Gateway,
+    Lua,
+}
+
+impl Target {
+    pub fn env(self) -> Vec<(String, String)> {
+        match self {
+            Target::Gateway => vec![],
+            Target::Lua => vec![("LIVEGATE_RESERVE_MODE".into(), "lua".into())],
+        }
+    }
+}
+
+pub fn sizes(a: &Args, smoke: bool) -> (usize, u64) {
+    let n = a.viewers.unwrap_or(if smoke { 200 } else { 2000 });
+    let s = a.stock.unwrap_or((n as u64 / 2).max(1));
+    (n, s)
+}
+
+/// Headline figures of one rush, for the Lua comparison.
+pub struct Outcome {
+    pub reserved_per_sec: f64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+}
+
+enum Answer {
+    Reserved { id: String, qty: u64, msg: Value },
+    SoldOut,
+    Error(String),
+    Lost(String),
+}
+
+pub async fn run(
+    ctx: &Ctx,
+    _common: &Common,
+    a: &Args,
+    label: &str,
+    report: &mut Report,
+) -> Result<Outcome> {
+    let (n, stock) = sizes(a, ctx.smoke);
+    let room = format!("rush-{}-{label}", ctx.run_id);
+    let sku = format!("{room}-sku");
+    let price = 1999i64;
+    report.data(
+        &format!("{label} params"),
+        json!({"viewers": n, "stock": stock, "qty": a.qty, "target": format!("{:?}", a.target)}),
+    );
+    let anchor_token = ctx.minter.anchor(
+        &format!("anchor-{}", ctx.run_id),
+        std::slice::from_ref(&room),
+    )?;
+    let anchor = ctx
+        .dialer
+        .connect(0, &anchor_token, crate::client::ignore())
+        .await?;
+    anchor
+        .expect(
+            json!({"type": "open_room", "room": room, "title": "rush"}),
+            "ack",
+        )
+        .await?;
+    anchor
+        .expect(
+            json!({"type": "upsert_product", "room": room, "sku": sku, "title": "flash deal",
+                   "price_cents": price, "stock": stock, "ttl_s": 600}),
+            "ack",
+        )
+        .await?;
+    anchor
+        .expect(json!({"type": "pin", "room": room, "sku": sku}), "ack")
+        .await?;
+
+    let events_key = ctx.redis_key("events");
+    let tail = match verify::Tail::start(&ctx.redis_url, &events_key).await {
+        Ok(t) => Some(t),
+        Err(e) => {
+            report.note(format!("Redis verification skipped: {e:#}"));
+            None
+        }
+    };
+
+    let run_id = ctx.run_id.clone();
+    let results = ctx
+        .ramp(n, "viewers", |i| {
+            let dialer = ctx.dialer.clone();
+            let token = ctx.minter.viewer(&format!("u-{run_id}-{label}-{i}"));
+            let room = room.clone();
+            async move {
+                let c = dialer.connect(i, &token?, crate::client::ignore()).await?;
+                c.expect(json!({"type": "join", "room": room}), "room_state")
+                    .await?;
+                Ok(c)
+            }
+        })
+        .await;
+    let mut clients: Vec<Arc<Client>> = Vec::new();
+    let mut connect_errors = 0usize;
+    for r in results {
+        match r {
+            Ok(c) => clients.push(c),
+            Err(e) => {
+                if connect_errors == 0 {
+                    eprintln!("{label}: viewer failed to connect/join: {e:#}");
+                }
+                connect_errors += 1;
+            }
+        }
+    }
+
+    // Everyone presses at the same instant.
+    let (go_tx, go_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::with_capacity(clients.len());
+    for (i, c) in clients.iter().cloned().enumerate() {
+        let mut go = go_rx.clone();
+        let room = room.clone();
+        let sku = sku.clone();
+        let qty = a.qty;
+        tasks.push(tokio::spawn(async move {
+            let _ = go.wait_for(|g| *g).await;
+            let req = format!("cart-{i}");
+            let r = c
+                .request(json!({"type": "add_to_cart", "req": req, "room": room, "sku": sku, "qty": qty}))
+                .await;
+            let now = Instant::now();
+            let answer = match r {
+                Ok(r) => match (r.kind(), r.error_code()) {
+                    ("reserved", _) => Answer::Reserved {
+                        id: r.msg["reservation"].as_str().unwrap_or("").to_string(),
+                        qty: r.msg["qty"].as_u64().unwrap_or(0),
+                        msg: r.msg.clone(),
+                    },
+                    (_, Some("sold_out")) => Answer::SoldOut,
+                    (_, Some(code)) => Answer::Error(code.to_string()),
+                    (other, None) => Answer::Error(format!("unexpected reply {other}")),
+                },
+                Err(e) => Answer::Lost(format!("{e:#}")),
+            };
+            (answer, now)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let go_at = Instant::now();
+    let _ = go_tx.send(true);
+    let pb = ctx.progress(tasks.len() as u64, "add_to_cart");
+    let mut answers = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        if let Ok(x) = t.await {
+            answers.push(x);
+        }
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+
+    let mut since_go = histogram();
+    let mut reserved_ids: Vec<(String, u64, Value)> = Vec::new();
+    let mut sold_out = 0usize;
+    let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+    let mut lost = Vec::new();
+    let mut last_reserved = go_at;
+    for (ans, at) in answers {
+        record(&mut since_go, at.saturating_duration_since(go_at));
+        match ans {
+            Answer::Reserved { id, qty, msg } => {
+                last_reserved = last_reserved.max(at);
+                reserved_ids.push((id, qty, msg));
+            }
+            Answer::SoldOut => sold_out += 1,
+            Answer::Error(c) => *errors.entry(c).or_default() += 1,
+            Answer::Lost(e) => lost.push(e),
+        }
+    }
+    let reserved = reserved_ids.len();
+    let reserved_units: u64 = reserved_ids.iter().map(|r| r.1).sum();
+    let window = last_reserved
+        .saturating_duration_since(go_at)
+        .as_secs_f64()
+        .max(1e-6);
+    let per_sec = reserved as f64 / window;
+    let n_err: usize = errors.values().sum();
+
+    report.row(&format!("{label} viewers joined"), clients.len());
+    report.row(&format!("{label} connect errors"), connect_errors);
+    report.row(&format!("{label} stock"), stock);
+    report.row(&format!("{label} reserved"), reserved);
+    report.row(&format!("{label} sold_out"), sold_out);
+    report.row(
+        &format!("{label} other errors"),
+        serde_json::to_value(&errors)?,
+    );
+    report.row(&format!("{label} lost replies"), lost.len());
+    report.row(&format!("{label} reserved/s"), per_sec);
+    report.latency(&format!("{label} add_to_cart (from go)"), &since_go);
+
+    // Invariants on the replies.
+    if connect_errors > 0 {
+        report.fail(format!(
+            "{label}: {connect_errors} viewers could not connect/join"
+        ));
+    }
+    if reserved_units > stock {
+        report.fail(format!(
+            "{label}: OVERSELL: {reserved_units} units reserved of {stock}"
+        ));
+    }
+    if !lost.is_empty() {
+        report.fail(format!(
+            "{label}: {} add_to_cart got no reply (first: {})",
+            lost.len(),
+            lost[0]
+        ));
+    }
+    if reserved + sold_out + n_err + lost.len() != clients.len() {
+        report.fail(format!("{label}: replies do not add up to the requests"));
+    }
+    let want = (stock / a.qty.max(1)).min(clients.len() as u64) as usize;
+    if n_err == 0 && lost.is_empty() && reserved != want {
+        report.fail(format!("{label}: {reserved} reserved, expected exactly {want} (sold_out while stock was left?)"));
+    }
+    let bad_fields = reserved_ids
+        .iter()
+        .filter(|(id, qty, m)| {
+            id.is_empty()
+                || *qty != a.qty
+                || m["sku"] != sku.as_str()
+                || m["room"] != room.as_str()
+                || m["price_cents"] != price
+        })
+        .count();
+    if bad_fields > 0 {
+        report.fail(format!(
+            "{label}: {bad_fields} reserved replies with wrong fields (e.g. {})",
+            reserved_ids
+                .iter()
+                .find(|r| r.1 != a.qty || r.0.is_empty())
+                .map(|r| r.2.to_string())
+                .unwrap_or_default()
+        ));
+    }
+    let distinct: HashSet<&str> = reserved_ids.iter().map(|r| r.0.as_str()).collect();
+    if distinct.len() != reserved {
+        report.fail(format!("{label}: duplicate reservation ids in replies"));
+    }
+
+    // Idempotent retry: the same req from the same user returns the same reservation.
+    if let Some(pos) = clients.iter().enumerate().position(|(i, _)| {
+        reserved_ids
+            .iter()
+            .any(|r| r.2["req"] == format!("cart-{i}"))
+    }) {
+        let r = clients[pos]
+            .request(json!({"type": "add_to_cart", "req": format!("cart-{pos}"), "room": room, "sku": sku, "qty": a.qty}))
+            .await;
+        let orig = reserved_ids
+            .iter()
+            .find(|r| r.2["req"] == format!("cart-{pos}"))
+            .map(|r| r.0.clone());
+        match r {
+            Ok(r)
+                if r.kind() == "reserved"
+                    && r.msg["reservation"].as_str().map(str::to_string) == orig =>
+            {
+                report.row(&format!("{label} idempotent retry"), "same reservation");
+            }
+            Ok(r) => report.fail(format!(
+                "{label}: retry with the same req got {} instead of reservation {orig:?}",
+                r.msg
+            )),
+            Err(e) => report.fail(format!("{label}: retry with the same req: {e:#}")),
+        }
+    }
+
+    // Against Redis.
+    if let Some(tail) = tail {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let tailed = tail.finish().await;
+        verify_redis(ctx, label, &sku, stock, &reserved_ids, tailed, report).await?;
+    }
+
+    for c in clients.iter().chain(std::iter::once(&anchor)) {
+        c.close().await;
+    }
+    let h = since_go;
+    Ok(Outcome {
+        reserved_per_sec: per_sec,
+        p50_us: h.value_at_quantile(0.5),
+        p99_us: h.value_at_quantile(0.99),
+    })
+}
+
+async fn verify_redis(
+    ctx: &Ctx,
+    label: &str,
+    sku: &str,
+    stock: u64,
+    reserved: &[(String, u64, Value)],
+    tailed: Vec<verify::Entry>,
+    report: &mut Report,
+) -> Result<()> {
+    let mut conn = verify::connect(&ctx.redis_url).await?;
+    let events_key = ctx.redis_key("events");
+    let all = verify::union(tailed, verify::xrange_all(&mut conn, &events_key).await?);
+    let mine: Vec<&HashMap<String, String>> = all
+        .iter()
+        .map(|e| &e.1)
+        .filter(|m| m.get("sku").map(String::as_str) == Some(sku))
+        .collect();
+    let units = |kind: &str| -> u64 {
+        mine.iter()
+            .filter(|m| m.get("kind").map(String::as_str) == Some(kind))
+            .map(|m| {
+                m.get("qty")
+                    .and_then(|q| q.parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .sum()
+    };
+    let stream_ids: HashSet<&str> = mine
+        .iter()
+        .filter(|m| m.get("kind").map(String::as_str) == Some("reserved"))
+        .filter_map(|m| m.get("reservation").map(String::as_str))
+        .collect();
+    let active: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(ctx.redis_key("reservations"))
+        .query_async(&mut conn)
+        .await
+        .context("HGETALL reservations")?;
+    let product: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(ctx.redis_key(&format!("product:{sku}")))
+        .query_async(&mut conn)
+        .await
+        .context("HGETALL product")?;
+    let stocked: Option<u64> = product.get("stocked").and_then(|s| s.parse().ok());
+    let sold: u64 = product
+        .get("sold")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let net = units("reserved").saturating_sub(units("released") + units("expired"));
+    report.row(&format!("{label} redis reserved entries"), stream_ids.len());
+    report.row(
+        &format!("{label} redis stocked"),
+        stocked.map(Value::from).unwrap_or(Value::Null),
+    );
+    match stocked {
+        None => report.fail(format!(
+            "{label}: product hash {} has no `stocked`",
+            ctx.redis_key(&format!("product:{sku}"))
+        )),
+        Some(s) => {
+            if s != stock {
+                report.fail(format!(
+                    "{label}: redis stocked={s}, the anchor stocked {stock}"
+                ));
+            }
+            if net + sold > s {
+                report.fail(format!(
+                    "{label}: OVERSELL in Redis: {net} units held + {sold} sold > stocked {s}"
+                ));
+            }
+        }
+    }
+    let missing: Vec<&str> = reserved
+        .iter()
+        .map(|r| r.0.as_str())
+        .filter(|id| !stream_ids.contains(id) && !active.contains_key(*id))
+        .collect();
+    if !missing.is_empty() {
+        report.fail(format!(
+            "{label}: LOST CONFIRMATION: {} `reserved` replies not in Redis (first: {})",
+            missing.len(),
+            missing[0]
+        ));
+    }
+    let extra = stream_ids.len().saturating_sub(reserved.len());
+    if extra > 0 {
+        report.note(format!(
+            "{label}: {extra} reserved entries in the stream without a reply seen by the harness"
+        ));
+    }
+    Ok(())
+}

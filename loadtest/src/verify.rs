@@ -1,0 +1,139 @@
+//! After-run verification against the durable record, using the key layout of docs/redis.md:
+//! a tail reader that follows `P:events` with XREAD from the moment before a scenario starts
+//! (so entries the order writer trims later are still seen), a full XRANGE for the union,
+//! and small helpers for hashes. Entries are flattened to string maps.
+
+use anyhow::{Context, Result};
+use redis::streams::StreamReadReply;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
+
+pub type Entry = (String, HashMap<String, String>);
+
+fn flatten(map: &HashMap<String, redis::Value>) -> HashMap<String, String> {
+    map.iter()
+        .filter_map(|(k, v)| {
+            redis::from_redis_value_ref::<String>(v)
+                .ok()
+                .map(|s| (k.clone(), s))
+        })
+        .collect()
+}
+
+pub async fn connect(url: &str) -> Result<redis::aio::MultiplexedConnection> {
+    redis::Client::open(url)?
+        .get_multiplexed_async_connection()
+        .await
+        .with_context(|| format!("connecting to {url} for verification"))
+}
+
+/// Follows a stream from "now" on until stopped.
+pub struct Tail {
+    entries: Arc<Mutex<Vec<Entry>>>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Tail {
+    pub async fn start(url: &str, key: &str) -> Result<Tail> {
+        let mut conn = connect(url).await?;
+        let key = key.to_string();
+        let entries: Arc<Mutex<Vec<Entry>>> = Arc::default();
+        let (stop, mut stopped) = watch::channel(false);
+        // The current last id, so nothing between now and the first XREAD is missed.
+        let last: String = match redis::cmd("XINFO")
+            .arg("STREAM")
+            .arg(&key)
+            .query_async::<HashMap<String, redis::Value>>(&mut conn)
+            .await
+        {
+            Ok(info) => info
+                .get("last-generated-id")
+                .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
+                .unwrap_or_else(|| "0-0".into()),
+            Err(_) => "0-0".into(),
+        };
+        let out = entries.clone();
+        let task = tokio::spawn(async move {
+            let mut last = last;
+            loop {
+                let reply: redis::RedisResult<Option<StreamReadReply>> = redis::cmd("XREAD")
+                    .arg("COUNT")
+                    .arg(5000)
+                    .arg("BLOCK")
+                    .arg(200)
+                    .arg("STREAMS")
+                    .arg(&key)
+                    .arg(&last)
+                    .query_async(&mut conn)
+                    .await;
+                match reply {
+                    Ok(Some(r)) => {
+                        let mut out = out.lock().unwrap();
+                        for k in r.keys {
+                            for id in k.ids {
+                                last = id.id.clone();
+                                out.push((id.id, flatten(&id.map)));
+                            }
+                        }
+                    }
+                    Ok(None) => {
+                        if *stopped.borrow_and_update() {
+                            break;
+                        }
+                    }
+                    Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+                }
+            }
+        });
+        Ok(Tail {
+            entries,
+            stop,
+            task,
+        })
+    }
+
+    /// Stops after the stream has been read up to its end; returns every entry seen.
+    pub async fn finish(self) -> Vec<Entry> {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+        std::mem::take(&mut *self.entries.lock().unwrap())
+    }
+}
+
+/// Every entry still in the stream.
+pub async fn xrange_all(
+    conn: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+) -> Result<Vec<Entry>> {
+    let mut out = Vec::new();
+    let mut start = "-".to_string();
+    loop {
+        let r: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(key)
+            .arg(&start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(conn)
+            .await?;
+        let n = r.ids.len();
+        for id in r.ids {
+            start = format!("({}", id.id);
+            out.push((id.id, flatten(&id.map)));
+        }
+        if n < 10_000 {
+            return Ok(out);
+        }
+    }
+}
+
+/// Union of two entry lists by id.
+pub fn union(a: Vec<Entry>, b: Vec<Entry>) -> Vec<Entry> {
+    let mut seen = std::collections::HashSet::new();
+    a.into_iter()
+        .chain(b)
+        .filter(|(id, _)| seen.insert(id.clone()))
+        .collect()
+}
