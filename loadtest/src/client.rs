@@ -77,8 +77,6 @@ pub struct Client {
     reply_timeout: Duration,
     /// The `hello` message.
     pub hello: Value,
-    /// Subprotocol the server chose (None: it did not answer one).
-    pub chosen_protocol: Option<String>,
 }
 
 impl Dialer {
@@ -107,11 +105,17 @@ impl Dialer {
         .await
         .context("WebSocket handshake timed out")?
         .context("WebSocket handshake")?;
-        let chosen_protocol = resp
+        // protocol.md: "The server answers with the one it chose."
+        let chosen = resp
             .headers()
             .get("sec-websocket-protocol")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+            .and_then(|v| v.to_str().ok());
+        if chosen != Some(self.encoding.subprotocol()) {
+            bail!(
+                "server answered subprotocol {chosen:?}, offered {}",
+                self.encoding.subprotocol()
+            );
+        }
         let (sink, mut stream) = ws.split();
         let encoding = self.encoding;
         // The first message must be hello.
@@ -137,7 +141,6 @@ impl Dialer {
             encoding,
             reply_timeout: self.reply_timeout,
             hello,
-            chosen_protocol,
         });
         tokio::spawn(async move {
             let mut code = None;

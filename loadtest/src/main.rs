@@ -133,11 +133,11 @@ async fn run(cli: Cli) -> Result<bool> {
 
 async fn stop(sp: Option<ctx::Spawned>, report: &mut Report) {
     if let Some(sp) = sp {
-        let log = sp.gateway.log_path.clone();
+        let dir = sp.dir.clone();
         if !sp.stop().await {
             report.note(format!(
-                "the spawned gateway did not exit 0 within 10 s of SIGTERM (log: {})",
-                log.display()
+                "the spawned gateway did not exit 0 within 10 s of SIGTERM (logs: {})",
+                dir.display()
             ));
         }
     }

@@ -24,7 +24,6 @@ use tokio_tungstenite::WebSocketStream;
 pub struct NatsServer {
     child: Child,
     pub ws_addr: SocketAddr,
-    pub pid: u32,
 }
 
 impl NatsServer {
@@ -48,7 +47,6 @@ impl NatsServer {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
-        let pid = child.id().context("nats-server has no pid")?;
         let ws_addr: SocketAddr = format!("127.0.0.1:{ws}").parse()?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(ws_addr).await.is_err() {
@@ -60,11 +58,7 @@ impl NatsServer {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok(Self {
-            child,
-            ws_addr,
-            pid,
-        })
+        Ok(Self { child, ws_addr })
     }
 
     pub async fn stop(mut self) {

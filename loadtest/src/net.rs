@@ -71,7 +71,7 @@ pub fn raise_nofile() -> u64 {
     let mut lim = getrlimit(Resource::Nofile);
     if lim.maximum.is_some() && lim.current != lim.maximum {
         lim.current = lim.maximum;
-        let _ = setrlimit(Resource::Nofile, lim.clone());
+        let _ = setrlimit(Resource::Nofile, lim);
     }
     getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
 }

@@ -134,7 +134,6 @@ pub struct Gateway {
     pub key_prefix: String,
     pub store_path: PathBuf,
     pub pid: u32,
-    pub log_path: PathBuf,
 }
 
 impl Gateway {
@@ -209,7 +208,6 @@ impl Gateway {
             key_prefix,
             store_path,
             pid,
-            log_path,
         })
     }
 

@@ -99,13 +99,13 @@ pub async fn run(ctx: &Ctx, common: &Common, a: &Args, report: &mut Report) -> R
     let hold = if common.duration.is_some() {
         duration(common, 10, 30)?
     } else {
-        let hb = Duration::from_millis(heartbeat_ms * 7 / 2);
-        let base = if ctx.smoke {
-            Duration::from_secs(10)
+        let (lo, hi, tenths) = if ctx.smoke {
+            (10, 48, 32)
         } else {
-            Duration::from_secs(30)
+            (30, 120, 35)
         };
-        hb.clamp(base, Duration::from_secs(120))
+        Duration::from_millis(heartbeat_ms * tenths / 10)
+            .clamp(Duration::from_secs(lo), Duration::from_secs(hi))
     };
     let pb = ctx.progress(hold.as_secs(), "holding");
     let mut samples = Vec::new();
