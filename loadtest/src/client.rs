@@ -209,6 +209,12 @@ impl Client {
         Ok(at)
     }
 
+    /// Sends a raw frame (for protocol probes: undecodable or oversized frames).
+    pub async fn send_raw(&self, frame: Message) -> Result<()> {
+        self.sink.lock().await.send(frame).await?;
+        Ok(())
+    }
+
     /// Sends `msg` with a fresh `req` (unless it has one) and waits for the reply carrying it.
     /// Returns the reply, its latency and the send instant.
     pub async fn request(&self, mut msg: Value) -> Result<Reply> {

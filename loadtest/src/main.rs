@@ -17,7 +17,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use ctx::{Common, Ctx};
 use report::Report;
-use scenarios::{checkout, fanout, idle, rush, soak};
+use scenarios::{checkout, fanout, idle, probe, rush, soak};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Load-test harness for livegate (loopback only)")]
@@ -40,6 +40,8 @@ enum Scenario {
     Soak(soak::Args),
     /// N idle connections; server memory per connection.
     Idle(idle::Args),
+    /// Protocol conformance checks against protocol.md (one connection at a time).
+    Probe(probe::Args),
 }
 
 fn conns(s: &Scenario, smoke: bool) -> usize {
@@ -49,6 +51,7 @@ fn conns(s: &Scenario, smoke: bool) -> usize {
         Scenario::Checkout(a) => a.viewers.unwrap_or(1000) + 1,
         Scenario::Soak(a) => a.viewers.unwrap_or(500) + 1,
         Scenario::Idle(a) => a.connections.unwrap_or(5000) + 1,
+        Scenario::Probe(_) => 8,
     }
 }
 
@@ -65,6 +68,7 @@ async fn run(cli: Cli) -> Result<bool> {
         Scenario::Checkout(_) => "checkout",
         Scenario::Soak(_) => "soak",
         Scenario::Idle(_) => "idle",
+        Scenario::Probe(_) => "probe",
     });
     if let Scenario::Rush(a) = &cli.scenario {
         if a.compare_lua {
@@ -125,6 +129,7 @@ async fn run(cli: Cli) -> Result<bool> {
         Scenario::Checkout(a) => checkout::run(&ctx, &common, a, &mut report).await,
         Scenario::Soak(a) => soak::run(&ctx, &common, a, &mut report).await,
         Scenario::Idle(a) => idle::run(&ctx, &common, a, &mut report).await,
+        Scenario::Probe(a) => probe::run(&ctx, &common, a, &mut report).await,
     };
     stop(sp, &mut report).await;
     result?;

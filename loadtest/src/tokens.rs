@@ -52,4 +52,16 @@ impl Minter {
     pub fn admin(&self, sub: &str) -> Result<String> {
         self.mint(sub, "admin", None)
     }
+
+    /// A viewer token that expired an hour ago (for the probe).
+    pub fn expired_viewer(&self, sub: &str) -> Result<String> {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+        let claims = Claims {
+            sub,
+            role: "viewer",
+            rooms: None,
+            exp: now - 3600,
+        };
+        encode(&Header::default(), &claims, &self.key).context("signing token")
+    }
 }
