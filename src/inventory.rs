@@ -210,6 +210,10 @@ impl Inventory {
         now: u64,
     ) -> Result<Vec<Reservation>, InvError> {
         let (mut guards, pos) = self.lock_many(ids)?;
+        // Unknown (or another user's) anywhere in the list wins over state errors.
+        for (&id, &p) in ids.iter().zip(&pos) {
+            guards[p].1.check_owner(Some(user), id)?;
+        }
         for (&id, &p) in ids.iter().zip(&pos) {
             guards[p].1.check_checkout(user, id, now)?;
         }
@@ -228,6 +232,9 @@ impl Inventory {
         sold: bool,
     ) -> Result<(), InvError> {
         let (mut guards, pos) = self.lock_many(ids)?;
+        for (&id, &p) in ids.iter().zip(&pos) {
+            guards[p].1.check_owner(None, id)?;
+        }
         for (&id, &p) in ids.iter().zip(&pos) {
             guards[p].1.check(id, from)?;
         }

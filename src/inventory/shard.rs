@@ -434,6 +434,14 @@ impl Shard {
         Ok(())
     }
 
+    /// `NotFound` unless `id` is live and (when `user` is given) belongs to `user`.
+    pub(crate) fn check_owner(&self, user: Option<&str>, id: ResId) -> Result<(), InvError> {
+        match self.reservations.get(&id.0) {
+            Some(e) if user.is_none_or(|u| *e.res.user == *u) => Ok(()),
+            _ => Err(InvError::NotFound),
+        }
+    }
+
     /// Checkout validation of one id (owner, Held, not expired).
     pub(crate) fn check_checkout(&self, user: &str, id: ResId, now: u64) -> Result<(), InvError> {
         let e = self.reservations.get(&id.0).ok_or(InvError::NotFound)?;
