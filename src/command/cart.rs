@@ -1,0 +1,293 @@
+//! Cart commands, the hot path: `add_to_cart`, `release`, `checkout`.
+//!
+//! Two-phase with the inventory core: the change is made in memory (units held, nothing
+//! else may touch them), recorded through the group committer, then confirmed or undone.
+//! A reply says `reserved` / `released` / `order_accepted` only after Redis holds it. When
+//! the outcome of a write is unknown (timeout), the core keeps the state that holds the
+//! units, so nothing can be sold twice.
+
+use std::sync::Arc;
+
+use super::{anchor::inv_error, find_room, unavailable, Reply, Session};
+use crate::{
+    app::App,
+    commit::CommitError,
+    inventory::{ResId, Reservation, ReserveOutcome, ReserveRequest},
+    metrics::{self as m, unix_ms},
+    protocol::{ErrorCode, ProtoError, ServerMsg},
+};
+
+/// The JSON record of an active reservation in `P:reservations` (docs/redis.md).
+pub fn reservation_record(r: &Reservation) -> String {
+    serde_json::json!({
+        "user": &*r.user,
+        "req": &*r.req,
+        "room": &*r.room,
+        "sku": &*r.sku,
+        "qty": r.qty,
+        "price_cents": r.price_cents,
+        "expires_at": r.expires_at,
+        "ref": r.referrer.as_deref(),
+    })
+    .to_string()
+}
+
+/// The state-key writes that make a reservation durable (also used on an idempotent retry).
+fn reservation_state(app: &App, r: &Reservation) -> Vec<redis::Cmd> {
+    let id = r.id.to_string();
+    let mut hset = redis::cmd("HSET");
+    hset.arg(app.keys.reservations())
+        .arg(&id)
+        .arg(reservation_record(r));
+    let mut idem = redis::cmd("SET");
+    idem.arg(app.keys.reserve_idem(&r.user, &r.req))
+        .arg(format!("{id} {}", r.sku))
+        .arg("PX")
+        .arg(app.cfg.limits.idempotency_ttl.as_millis() as u64);
+    vec![hset, idem]
+}
+
+fn reserved_reply(req: String, r: &Reservation) -> ServerMsg {
+    ServerMsg::Reserved {
+        req,
+        reservation: r.id.to_string(),
+        room: r.room.to_string(),
+        sku: r.sku.to_string(),
+        qty: r.qty,
+        price_cents: r.price_cents,
+        expires_at: r.expires_at,
+    }
+}
+
+pub async fn add_to_cart(
+    app: &Arc<App>,
+    s: &mut Session,
+    req: String,
+    room: String,
+    sku: String,
+    qty: u32,
+) -> Reply {
+    let r = find_room(app, &room)?;
+    if !r.counters.is_live() {
+        return Err(ProtoError::new(
+            ErrorCode::RoomClosed,
+            "the room is not live",
+        ));
+    }
+    if !r.counters.on_shelf(&sku) {
+        return Err(ProtoError::new(
+            ErrorCode::NotFound,
+            format!("{sku:?} is not on this room's shelf"),
+        ));
+    }
+    let referrer = s.rooms.get(room.as_str()).cloned().flatten();
+    let now = unix_ms();
+    let outcome = app
+        .inventory
+        .reserve(ReserveRequest {
+            user: s.user.clone(),
+            req: Arc::from(req.as_str()),
+            room: r.id.clone(),
+            referrer,
+            sku: Arc::from(sku.as_str()),
+            qty,
+            now,
+        })
+        .map_err(inv_error)?;
+    match outcome {
+        ReserveOutcome::Existing(res) => {
+            // A retry: make sure the record is in Redis before answering again.
+            app.committer
+                .commit(reservation_state(app, &res))
+                .await
+                .map_err(unavailable)?;
+            Ok(Some(reserved_reply(req, &res)))
+        }
+        ReserveOutcome::New(res) => {
+            let mut cmds = reservation_state(app, &res);
+            let mut xadd = redis::cmd("XADD");
+            xadd.arg(app.keys.events())
+                .arg("*")
+                .arg("kind")
+                .arg("reserved")
+                .arg("reservation")
+                .arg(res.id.to_string())
+                .arg("user")
+                .arg(&*res.user)
+                .arg("req")
+                .arg(&*res.req)
+                .arg("room")
+                .arg(&*res.room)
+                .arg("sku")
+                .arg(&*res.sku)
+                .arg("qty")
+                .arg(res.qty)
+                .arg("price_cents")
+                .arg(res.price_cents)
+                .arg("expires_at")
+                .arg(res.expires_at)
+                .arg("at")
+                .arg(now);
+            cmds.insert(0, xadd);
+            match app.committer.commit(cmds).await {
+                Ok(()) => {
+                    let _ = app.inventory.confirm_reserve(res.id);
+                    metrics::counter!(m::RESERVATIONS).increment(1);
+                    Ok(Some(reserved_reply(req, &res)))
+                }
+                Err(e @ CommitError::Unavailable(_)) => {
+                    let _ = app.inventory.abort_reserve(res.id);
+                    Err(unavailable(e))
+                }
+                Err(e @ CommitError::Unknown) => {
+                    // Redis may hold it: keep the units held; a retry with the same req
+                    // re-records it, otherwise it expires.
+                    let _ = app.inventory.confirm_reserve(res.id);
+                    Err(unavailable(e))
+                }
+            }
+        }
+    }
+}
+
+fn parse_id(id: &str) -> Result<ResId, ProtoError> {
+    ResId::parse(id)
+        .ok_or_else(|| ProtoError::new(ErrorCode::NotFound, format!("no reservation {id:?}")))
+}
+
+pub async fn release(app: &Arc<App>, s: &mut Session, req: String, reservation: String) -> Reply {
+    let id = parse_id(&reservation)?;
+    let res = app
+        .inventory
+        .begin_release(&s.user, id)
+        .map_err(inv_error)?;
+    let mut xadd = redis::cmd("XADD");
+    xadd.arg(app.keys.events())
+        .arg("*")
+        .arg("kind")
+        .arg("released")
+        .arg("reservation")
+        .arg(&reservation)
+        .arg("user")
+        .arg(&*res.user)
+        .arg("sku")
+        .arg(&*res.sku)
+        .arg("qty")
+        .arg(res.qty)
+        .arg("at")
+        .arg(unix_ms());
+    let mut hdel = redis::cmd("HDEL");
+    hdel.arg(app.keys.reservations()).arg(&reservation);
+    let result = app.committer.commit(vec![xadd, hdel]).await;
+    // Unknown outcome: keep it held (it may still be in Redis); the client may retry.
+    let _ = app.inventory.finish_release(id, result.is_ok());
+    result.map_err(unavailable)?;
+    Ok(Some(ServerMsg::Released {
+        req: Some(req),
+        reservation,
+        reason: "released",
+    }))
+}
+
+pub async fn checkout(
+    app: &Arc<App>,
+    s: &mut Session,
+    req: String,
+    reservations: Vec<String>,
+) -> Reply {
+    // A retry of a recorded checkout answers the same order.
+    let idem_key = app.keys.order_idem(&s.user, &req);
+    let prior: Option<String> = redis::cmd("GET")
+        .arg(&idem_key)
+        .query_async(&mut app.redis.clone())
+        .await
+        .map_err(|e| ProtoError::new(ErrorCode::Unavailable, format!("redis: {e}")))?;
+    if let Some((order, total)) = prior.as_deref().and_then(|v| v.split_once(' ')) {
+        return Ok(Some(ServerMsg::OrderAccepted {
+            req,
+            order: order.to_string(),
+            total_cents: total.parse().unwrap_or(0),
+        }));
+    }
+    let ids = reservations
+        .iter()
+        .map(|r| parse_id(r))
+        .collect::<Result<Vec<_>, _>>()?;
+    let now = unix_ms();
+    let held = app
+        .inventory
+        .begin_checkout(&s.user, &ids, now)
+        .map_err(inv_error)?;
+    let order = app.next_order_id();
+    let total: i64 = held
+        .iter()
+        .map(|r| r.price_cents.saturating_mul(i64::from(r.qty)))
+        .sum();
+    let items: Vec<serde_json::Value> = held
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "reservation": r.id.to_string(),
+                "sku": &*r.sku,
+                "qty": r.qty,
+                "price_cents": r.price_cents,
+            })
+        })
+        .collect();
+    // An order belongs to one room: the room of its first reservation.
+    let first = &held[0];
+    let k = &app.keys;
+    let mut cmds = Vec::with_capacity(3 + 2 * held.len());
+    let mut xadd = redis::cmd("XADD");
+    xadd.arg(k.events())
+        .arg("*")
+        .arg("kind")
+        .arg("order")
+        .arg("order")
+        .arg(&order)
+        .arg("user")
+        .arg(&*s.user)
+        .arg("req")
+        .arg(&req)
+        .arg("room")
+        .arg(&*first.room)
+        .arg("ref")
+        .arg(first.referrer.as_deref().unwrap_or(""))
+        .arg("total_cents")
+        .arg(total)
+        .arg("created_at")
+        .arg(now)
+        .arg("items")
+        .arg(serde_json::Value::Array(items).to_string());
+    cmds.push(xadd);
+    let mut hdel = redis::cmd("HDEL");
+    hdel.arg(k.reservations());
+    for r in &held {
+        hdel.arg(r.id.to_string());
+        let mut sold = redis::cmd("HINCRBY");
+        sold.arg(k.product(&r.sku)).arg("sold").arg(r.qty);
+        cmds.push(sold);
+        let mut bought = redis::cmd("HINCRBY");
+        bought.arg(k.buyers(&r.sku)).arg(&*s.user).arg(r.qty);
+        cmds.push(bought);
+    }
+    cmds.push(hdel);
+    let mut idem = redis::cmd("SET");
+    idem.arg(&idem_key)
+        .arg(format!("{order} {total}"))
+        .arg("PX")
+        .arg(app.cfg.limits.idempotency_ttl.as_millis() as u64);
+    cmds.push(idem);
+    let result = app.committer.commit(cmds).await;
+    // Unknown outcome: the order may be recorded, so its units count as sold (never sold
+    // twice); a retry with the same req finds the record and answers the same order.
+    let committed = !matches!(result, Err(CommitError::Unavailable(_)));
+    let _ = app.inventory.finish_checkout(&ids, committed);
+    result.map_err(unavailable)?;
+    metrics::counter!(m::ORDERS_ACCEPTED).increment(1);
+    Ok(Some(ServerMsg::OrderAccepted {
+        req,
+        order,
+        total_cents: total,
+    }))
+}
