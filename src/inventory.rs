@@ -22,7 +22,7 @@ use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use shard::{EndedKey, Entry, IdemRec, Product, Shard, State, UserUnits};
+use shard::{Entry, IdemKey, IdemRec, Product, Shard, State, UserUnits};
 
 pub use types::{
     InvError, InventoryConfig, ParseResIdError, ProductCounts, ProductSpec, ResId, Reservation,
@@ -54,6 +54,9 @@ pub struct Inventory {
     /// Where the next `take_due` sweep starts, so a small `max` does not starve late shards.
     sweep_cursor: AtomicUsize,
 }
+
+/// A locked shard and its index.
+type Locked<'a> = (usize, MutexGuard<'a, Shard>);
 
 /// Locks a shard. A poisoned lock is taken over: no code in a critical section panics on
 /// input, and the counts are repaired by nothing else, so refusing service would not help.
@@ -100,8 +103,11 @@ impl Inventory {
         lock(&self.shards[self.shard_of(sku)])
     }
 
-    fn idem_key(&self, user: &str, req: &str, sku: &str) -> u64 {
-        self.idem_hasher.hash_one((user, req, sku))
+    fn idem_key(&self, user: &str, req: &str, sku: &str) -> IdemKey {
+        IdemKey {
+            key: self.idem_hasher.hash_one((user, req, sku)),
+            check: fxhash::hash_strs(&[user, req, sku]),
+        }
     }
 
     /// The shard holding reservation `id`, if any. Ids this process issued map directly;
@@ -171,10 +177,7 @@ impl Inventory {
 
     /// Resolves and locks the shards of `ids` in ascending index order. Returns the guards
     /// (sorted by shard index) and, for each id, the position of its guard.
-    fn lock_many(
-        &self,
-        ids: &[ResId],
-    ) -> Result<(Vec<(usize, MutexGuard<'_, Shard>)>, Vec<usize>), InvError> {
+    fn lock_many(&self, ids: &[ResId]) -> Result<(Vec<Locked<'_>>, Vec<usize>), InvError> {
         if ids.is_empty() {
             return Err(InvError::Invalid("no reservation ids"));
         }
@@ -190,8 +193,7 @@ impl Inventory {
         let mut order = where_.clone();
         order.sort_unstable();
         order.dedup();
-        let guards: Vec<(usize, MutexGuard<'_, Shard>)> =
-            order.iter().map(|&i| (i, lock(&self.shards[i]))).collect();
+        let guards: Vec<Locked<'_>> = order.iter().map(|&i| (i, lock(&self.shards[i]))).collect();
         let pos = where_
             .iter()
             .map(|i| order.binary_search(i).unwrap_or(0))
@@ -400,13 +402,13 @@ impl Inventory {
                 floor = floor.max(res.id.counter().saturating_add(1));
             }
             g.expiry.insert((res.expires_at, res.id.0));
-            let idem_key = self.idem_key(&res.user, &res.req, &res.sku);
+            let idem = self.idem_key(&res.user, &res.req, &res.sku);
             g.reservations.insert(
                 res.id.0,
                 Entry {
                     res,
                     state: State::Held,
-                    idem_key,
+                    idem,
                 },
             );
             sum.reservations += 1;
@@ -434,9 +436,12 @@ impl Inventory {
                 continue;
             }
             // A record whose reservation is not live any more has ended.
-            let ended = ended || !g.reservations.contains_key(&id.0);
-            let ended = ended.then_some(EndedKey { user, req, sku });
-            g.insert_idem(key, IdemRec { id, ended }, now, self.idem_cap);
+            let rec = IdemRec {
+                id,
+                check: key.check,
+                ended: ended || !g.reservations.contains_key(&id.0),
+            };
+            g.insert_idem(key.key, rec, now, self.idem_cap);
             sum.idempotency += 1;
         }
         for g in guards.iter_mut() {
@@ -450,7 +455,9 @@ impl Inventory {
 
     /// Everything, in the shape `restore` takes (all shards locked at once, so it is a
     /// consistent cut). Live reservations in any state are listed (a restore makes them
-    /// Held); products are sorted by SKU and reservations by id.
+    /// Held); products are sorted by SKU and reservations by id. Idempotency records are
+    /// listed for live reservations only: an ended one keeps no strings (the durable copy
+    /// of those is in Redis, with its TTL).
     pub fn snapshot(&self) -> RestoreState {
         let guards = self.lock_all();
         let mut st = RestoreState::default();
@@ -471,23 +478,16 @@ impl Inventory {
             }
             st.reservations
                 .extend(g.reservations.values().map(|e| e.res.clone()));
-            for rec in g.idem.values() {
-                match (&rec.ended, g.reservations.get(&rec.id.0)) {
-                    (Some(k), _) => st.idempotency.push((
-                        Arc::clone(&k.user),
-                        Arc::clone(&k.req),
-                        Arc::clone(&k.sku),
-                        rec.id,
-                        true,
-                    )),
-                    (None, Some(e)) => st.idempotency.push((
+            // Records keep no strings: only those of live reservations can be listed.
+            for rec in g.idem.values().filter(|r| !r.ended) {
+                if let Some(e) = g.reservations.get(&rec.id.0) {
+                    st.idempotency.push((
                         Arc::clone(&e.res.user),
                         Arc::clone(&e.res.req),
                         Arc::clone(&e.res.sku),
                         rec.id,
                         false,
-                    )),
-                    (None, None) => {}
+                    ));
                 }
             }
         }

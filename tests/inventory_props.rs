@@ -470,8 +470,13 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 inv = fresh;
                 // An aborted id is in no snapshot, so a restore into the same epoch may issue
                 // it again (the gateway restores into a fresh epoch, where this cannot happen).
-                let aborted = std::mem::take(&mut m.aborted);
-                m.ids.retain(|id| !aborted.contains(id));
+                // Likewise an ended one: a snapshot lists the idempotency records of live
+                // reservations only, so ended records are gone too.
+                m.aborted.clear();
+                m.ended.clear();
+                let live: Vec<ResId> = m.live.keys().copied().collect();
+                m.ids.retain(|id| live.contains(id));
+                m.idem.retain(|_, v| !v.1);
                 // Every live reservation comes back Held.
                 for r in m.live.values_mut() {
                     r.st = St::Held;

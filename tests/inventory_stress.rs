@@ -73,7 +73,7 @@ fn check_limits(inv: &Inventory) {
 }
 
 fn worker(inv: &Inventory, tally: &Tally, clock: &AtomicU64, t: usize) {
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (t as u64 + 1) * 0x1234_5678_9abc);
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((t as u64 + 1) * 0x1234_5678_9abc));
     let users: Vec<Arc<str>> = (0..USERS).map(|u| Arc::from(format!("u{u}"))).collect();
     let room: Arc<str> = Arc::from("room");
     let skus: Vec<Arc<str>> = SKUS.iter().map(|s| Arc::from(*s)).collect();
@@ -91,18 +91,13 @@ fn worker(inv: &Inventory, tally: &Tally, clock: &AtomicU64, t: usize) {
             qty: 1 + rng.below(3) as u32,
             now,
         };
-        match rng.below(64) {
-            0 => {
-                inv.restock(SKUS[sku], 4).expect("restock");
-                tally.restocked[sku].fetch_add(4, Ordering::Relaxed);
-            }
-            1 => {
-                // Takes only available units, or fails as a whole.
-                if inv.restock(SKUS[sku], -3).is_ok() {
-                    tally.removed[sku].fetch_add(3, Ordering::Relaxed);
-                }
-            }
-            _ => {}
+        let roll = rng.below(64);
+        if roll == 0 {
+            inv.restock(SKUS[sku], 4).expect("restock");
+            tally.restocked[sku].fetch_add(4, Ordering::Relaxed);
+        } else if roll == 1 && inv.restock(SKUS[sku], -3).is_ok() {
+            // Takes only available units, or fails as a whole.
+            tally.removed[sku].fetch_add(3, Ordering::Relaxed);
         }
         if let Ok(ReserveOutcome::New(r)) = inv.reserve(req) {
             if rng.below(8) == 0 {

@@ -78,3 +78,14 @@ pub fn hash_str(s: &str) -> u64 {
     h.write_u8(0xff);
     h.finish()
 }
+
+/// Fx hash of a sequence of strings (each terminated, so ("ab","c") != ("a","bc")).
+#[inline]
+pub fn hash_strs(parts: &[&str]) -> u64 {
+    let mut h = FxHasher::default();
+    for p in parts {
+        h.write(p.as_bytes());
+        h.write_u8(0xff);
+    }
+    h.finish()
+}

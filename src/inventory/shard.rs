@@ -5,7 +5,7 @@
 //! no allocation beyond the map entries it inserts, no call back into the `Inventory`, and no
 //! panics (counts use saturating arithmetic; the invariants are checked by the tests).
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{hash_map, BTreeSet, HashMap, VecDeque};
 use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 
@@ -50,8 +50,8 @@ pub(crate) fn wrong_state(id: ResId, s: State, wanted: &str) -> InvError {
 pub(crate) struct Entry {
     pub res: Reservation,
     pub state: State,
-    /// Keyed hash of (user, req, sku): the key of its idempotency record.
-    pub idem_key: u64,
+    /// The key of its idempotency record.
+    pub idem: IdemKey,
 }
 
 /// Units of one SKU that one user holds (any live state) and has bought.
@@ -154,18 +154,21 @@ impl Product {
     }
 }
 
-/// The strings of an ended reservation's idempotency record (moved out of the reservation
-/// when it ends, so the record can still be compared and snapshotted).
-pub(crate) struct EndedKey {
-    pub user: Arc<str>,
-    pub req: Arc<str>,
-    pub sku: Arc<str>,
+/// An idempotency key: two independent 64-bit hashes of (user, req, sku). `key` is keyed
+/// SipHash (the map key: a client cannot aim collisions at it); `check` is a second hash
+/// stored in the record. A record keeps no strings, so it costs 24 bytes and evicting it
+/// touches nothing else; a false match needs both to collide (about N^2 / 2^129).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct IdemKey {
+    pub key: u64,
+    pub check: u64,
 }
 
 pub(crate) struct IdemRec {
     pub id: ResId,
-    /// `None` while the reservation is live (its strings are in the reservation).
-    pub ended: Option<EndedKey>,
+    pub check: u64,
+    /// The reservation has ended (released, bought or expired).
+    pub ended: bool,
 }
 
 /// Identity "hasher" for keys that are already keyed hashes.
@@ -226,7 +229,7 @@ impl Shard {
     pub(crate) fn reserve(
         &mut self,
         r: ReserveRequest,
-        idem_key: u64,
+        idem_key: IdemKey,
         epoch: u32,
         idem_cap: usize,
     ) -> Result<ReserveOutcome, InvError> {
@@ -234,20 +237,20 @@ impl Shard {
         let Some(product) = self.products.get_mut(&*r.sku) else {
             return Err(InvError::UnknownSku);
         };
-        if let Some(rec) = self.idem.get(&idem_key) {
-            return match &rec.ended {
-                Some(k) if same_key(k, &r) => Err(InvError::Ended { id: rec.id }),
-                Some(_) => Err(collision()),
-                None => match self.reservations.get(&rec.id.0) {
-                    Some(e) if e.res.user != r.user || e.res.req != r.req || e.res.sku != r.sku => {
-                        Err(collision())
-                    }
-                    Some(e) if e.state == State::Held => {
-                        Ok(ReserveOutcome::Existing(e.res.clone()))
-                    }
-                    Some(_) => Err(InvError::InFlight),
-                    None => Err(InvError::Ended { id: rec.id }),
-                },
+        if let Some(rec) = self.idem.get(&idem_key.key) {
+            if rec.check != idem_key.check {
+                return Err(collision());
+            }
+            if rec.ended {
+                return Err(InvError::Ended { id: rec.id });
+            }
+            return match self.reservations.get(&rec.id.0) {
+                Some(e) if e.res.user != r.user || e.res.req != r.req || e.res.sku != r.sku => {
+                    Err(collision())
+                }
+                Some(e) if e.state == State::Held => Ok(ReserveOutcome::Existing(e.res.clone())),
+                Some(_) => Err(InvError::InFlight),
+                None => Err(InvError::Ended { id: rec.id }),
             };
         }
         let qty = u64::from(r.qty);
@@ -301,10 +304,15 @@ impl Shard {
             Entry {
                 res,
                 state: State::Pending,
-                idem_key,
+                idem: idem_key,
             },
         );
-        self.insert_idem(idem_key, IdemRec { id, ended: None }, r.now, idem_cap);
+        let rec = IdemRec {
+            id,
+            check: idem_key.check,
+            ended: false,
+        };
+        self.insert_idem(idem_key.key, rec, r.now, idem_cap);
         Ok(ReserveOutcome::New(out))
     }
 
@@ -319,8 +327,10 @@ impl Shard {
 
     fn pop_idem(&mut self) {
         if let Some((_, key, id)) = self.idem_fifo.pop_front() {
-            if self.idem.get(&key).is_some_and(|r| r.id == id) {
-                self.idem.remove(&key);
+            if let hash_map::Entry::Occupied(o) = self.idem.entry(key) {
+                if o.get().id == id {
+                    o.remove();
+                }
             }
         }
     }
@@ -361,8 +371,10 @@ impl Shard {
         if let Some(p) = self.products.get_mut(&*e.res.sku) {
             p.give_back(&e.res.user, u64::from(e.res.qty));
         }
-        if self.idem.get(&e.idem_key).is_some_and(|r| r.id == id) {
-            self.idem.remove(&e.idem_key);
+        if let hash_map::Entry::Occupied(o) = self.idem.entry(e.idem.key) {
+            if o.get().id == id {
+                o.remove();
+            }
         }
         Ok(())
     }
@@ -425,10 +437,9 @@ impl Shard {
                 p.give_back(&e.res.user, qty);
             }
         }
-        if let Some(rec) = self.idem.get_mut(&e.idem_key) {
+        if let Some(rec) = self.idem.get_mut(&e.idem.key) {
             if rec.id == id {
-                let Reservation { user, req, sku, .. } = e.res;
-                rec.ended = Some(EndedKey { user, req, sku });
+                rec.ended = true;
             }
         }
         Ok(())
@@ -489,12 +500,8 @@ fn alloc_id(next_k: &mut u64, index: u64, nshards: u64, epoch: u32) -> Result<Re
     Ok(ResId::new(epoch, counter))
 }
 
-fn same_key(k: &EndedKey, r: &ReserveRequest) -> bool {
-    k.user == r.user && k.req == r.req && k.sku == r.sku
-}
-
-/// Two different (user, req, sku) with the same 64-bit keyed hash: about N^2 / 2^65 for N
-/// records, so practically never; answered as a conflict rather than guessed at.
+/// Two different (user, req, sku) with the same key: practically never; answered as a
+/// conflict rather than guessed at.
 fn collision() -> InvError {
     InvError::Conflict("idempotency key collision; use another req".into())
 }
