@@ -37,6 +37,7 @@ pub const EXPIRED: &str = "livegate_reservations_expired_total";
 pub const ORDERS_ACCEPTED: &str = "livegate_orders_accepted_total";
 pub const CONFIRMATIONS_SENT: &str = "livegate_order_confirmations_sent_total";
 pub const REDIS_UP: &str = "livegate_redis_up";
+pub const UNKNOWN_SETTLED: &str = "livegate_unknown_outcomes_settled_total";
 pub const AUDIENCE_DROPPED: &str = "livegate_audience_writes_dropped_total";
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
@@ -115,6 +116,10 @@ fn describe() {
     describe_counter!(
         CONFIRMATIONS_SENT,
         "order_confirmed messages queued to buyers"
+    );
+    describe_counter!(
+        UNKNOWN_SETTLED,
+        "Writes with an unknown outcome, settled once Redis answered (landed yes/no)"
     );
     describe_gauge!(REDIS_UP, "1 when the last Redis round trip succeeded");
     describe_counter!(

@@ -186,6 +186,43 @@ fn parse_idem_key<'a>(prefix: &str, key: &'a str) -> Option<(&'a str, &'a str)> 
     Some((&rest[split + 1..], &rest[..split]))
 }
 
+/// Settles a change whose durable write has an unknown outcome (Redis did not answer in
+/// time): once Redis answers again, `probe` (a command answering 1 when the record landed,
+/// 0 when not) decides, and `settle(landed)` finishes the in-memory change. Until then the
+/// change stays in flight, holding its units, so nothing is sold twice meanwhile. Gives up
+/// after `limit` and settles as landed (the conservative side: units stay held and the
+/// ordinary expiry returns them).
+pub fn settle_unknown(
+    app: &Arc<App>,
+    probe: redis::Cmd,
+    limit: Duration,
+    settle: impl FnOnce(bool) + Send + 'static,
+) {
+    let mut redis = app.redis.clone();
+    tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            tokio::time::sleep(SETTLE_RETRY).await;
+            match probe.query_async::<i64>(&mut redis).await {
+                Ok(n) => {
+                    settle(n > 0);
+                    metrics::counter!(m::UNKNOWN_SETTLED, "landed" => if n > 0 { "yes" } else { "no" })
+                        .increment(1);
+                    return;
+                }
+                Err(_) if tokio::time::Instant::now() < deadline => continue,
+                Err(_) => {
+                    settle(true);
+                    return;
+                }
+            }
+        }
+    });
+}
+
+/// Pause between probes of an unknown outcome.
+const SETTLE_RETRY: Duration = Duration::from_millis(250);
+
 /// Ends reservations whose time is up: records `expired`, returns the units, and tells the
 /// holder `released {reason:"expired"}`. A failed record leaves them held for the next
 /// sweep. Cost per sweep grows with what expires, not with what is held.

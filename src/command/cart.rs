@@ -140,14 +140,29 @@ pub async fn add_to_cart(
                     Err(unavailable(e))
                 }
                 Err(e @ CommitError::Unknown) => {
-                    // Redis may hold it: keep the units held; a retry with the same req
-                    // re-records it, otherwise it expires.
-                    let _ = app.inventory.confirm_reserve(res.id);
+                    // Redis may or may not hold it: the units stay held (Pending) until
+                    // Redis answers whether the record landed.
+                    let mut probe = redis::cmd("HEXISTS");
+                    probe.arg(app.keys.reservations()).arg(res.id.to_string());
+                    let inventory = app.inventory.clone();
+                    let id = res.id;
+                    crate::recovery::settle_unknown(app, probe, settle_limit(app), move |landed| {
+                        let _ = if landed {
+                            inventory.confirm_reserve(id)
+                        } else {
+                            inventory.abort_reserve(id)
+                        };
+                    });
                     Err(unavailable(e))
                 }
             }
         }
     }
+}
+
+/// How long an unknown outcome may stay unsettled before it is settled as landed.
+fn settle_limit(app: &App) -> std::time::Duration {
+    std::time::Duration::from_secs(u64::from(app.cfg.limits.default_ttl_s))
 }
 
 fn parse_id(id: &str) -> Result<ResId, ProtoError> {
@@ -179,8 +194,17 @@ pub async fn release(app: &Arc<App>, s: &mut Session, req: String, reservation: 
     let mut hdel = redis::cmd("HDEL");
     hdel.arg(app.keys.reservations()).arg(&reservation);
     let result = app.committer.commit(vec![xadd, hdel]).await;
-    // Unknown outcome: keep it held (it may still be in Redis); the client may retry.
-    let _ = app.inventory.finish_release(id, result.is_ok());
+    if matches!(result, Err(CommitError::Unknown)) {
+        // Released in Redis if the record is gone.
+        let mut probe = redis::cmd("HEXISTS");
+        probe.arg(app.keys.reservations()).arg(&reservation);
+        let inventory = app.inventory.clone();
+        crate::recovery::settle_unknown(app, probe, settle_limit(app), move |still_held| {
+            let _ = inventory.finish_release(id, !still_held);
+        });
+    } else {
+        let _ = app.inventory.finish_release(id, result.is_ok());
+    }
     result.map_err(unavailable)?;
     Ok(Some(ServerMsg::Released {
         req: Some(req),
@@ -279,10 +303,19 @@ pub async fn checkout(
         .arg(app.cfg.limits.idempotency_ttl.as_millis() as u64);
     cmds.push(idem);
     let result = app.committer.commit(cmds).await;
-    // Unknown outcome: the order may be recorded, so its units count as sold (never sold
-    // twice); a retry with the same req finds the record and answers the same order.
-    let committed = !matches!(result, Err(CommitError::Unavailable(_)));
-    let _ = app.inventory.finish_checkout(&ids, committed);
+    if matches!(result, Err(CommitError::Unknown)) {
+        // The order is recorded if its idempotency record is; until Redis says, the units
+        // stay in checkout. A retry with the same req finds the record once it is there.
+        let mut probe = redis::cmd("EXISTS");
+        probe.arg(&idem_key);
+        let inventory = app.inventory.clone();
+        let ids2 = ids.clone();
+        crate::recovery::settle_unknown(app, probe, settle_limit(app), move |landed| {
+            let _ = inventory.finish_checkout(&ids2, landed);
+        });
+    } else {
+        let _ = app.inventory.finish_checkout(&ids, result.is_ok());
+    }
     result.map_err(unavailable)?;
     metrics::counter!(m::ORDERS_ACCEPTED).increment(1);
     Ok(Some(ServerMsg::OrderAccepted {

@@ -362,8 +362,16 @@ pub async fn room_with_product(gw: &Gateway, room: &str, sku: &str, stock: u64) 
 
 /// A plain HTTP GET on the gateway: (status, body).
 pub async fn http_get(gw: &Gateway, path: &str, bearer: Option<&str>) -> (u16, String) {
+    http_request(gw.addr, path, bearer).await
+}
+
+pub async fn http_get_addr(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_request(addr, path, None).await
+}
+
+async fn http_request(addr: SocketAddr, path: &str, bearer: Option<&str>) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+    let mut s = TcpStream::connect(addr).await.expect("connect");
     let auth = bearer
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
@@ -385,4 +393,101 @@ pub async fn http_get(gw: &Gateway, path: &str, bearer: Option<&str>) -> (u16, S
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
+}
+
+/// The `livegate serve` binary as a child process (for kill -9 tests).
+pub struct GatewayProcess {
+    child: Option<std::process::Child>,
+    pub addr: SocketAddr,
+    pub auth: Authenticator,
+    env: Vec<(String, String)>,
+}
+
+impl GatewayProcess {
+    /// Starts `livegate serve --no-order-writer` on a free port and waits for /readyz.
+    pub async fn start(redis_url: &str, prefix: &str, extra: &[(&str, &str)]) -> GatewayProcess {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let mut env: Vec<(String, String)> = vec![
+            ("LIVEGATE_LISTEN".into(), format!("127.0.0.1:{port}")),
+            ("LIVEGATE_REDIS_URL".into(), redis_url.into()),
+            ("LIVEGATE_JWT_SECRET".into(), SECRET.into()),
+            ("LIVEGATE_KEY_PREFIX".into(), prefix.into()),
+            ("LIVEGATE_LOG".into(), "warn".into()),
+        ];
+        for (k, v) in extra {
+            env.push((k.to_string(), v.to_string()));
+        }
+        let mut p = GatewayProcess {
+            child: None,
+            addr: format!("127.0.0.1:{port}").parse().expect("addr"),
+            auth: Authenticator::new(SECRET),
+            env,
+        };
+        p.spawn().await;
+        p
+    }
+
+    async fn spawn(&mut self) {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_livegate"));
+        cmd.arg("serve").arg("--no-order-writer");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd.stdin(std::process::Stdio::null());
+        self.child = Some(cmd.spawn().expect("spawn livegate"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(mut s) = TcpStream::connect(self.addr).await {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let _ = s
+                    .write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    .await;
+                let mut buf = Vec::new();
+                let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf)).await;
+                if buf.starts_with(b"HTTP/1.1 200") {
+                    return;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "livegate did not become ready"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL, then the same command again.
+    pub async fn kill9_and_restart(&mut self) {
+        self.kill9();
+        self.spawn().await;
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn ws_url(&self, sub: &str, role: Role, rooms: &[&str]) -> String {
+        let t = self
+            .auth
+            .issue(
+                sub,
+                role,
+                rooms.iter().map(|r| r.to_string()).collect(),
+                3600,
+            )
+            .expect("sign");
+        format!("ws://{}/ws?token={t}", self.addr)
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
 }

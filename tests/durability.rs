@@ -1,0 +1,374 @@
+//! Invariants under load and failure, against a real redis-server: no oversell, no lost
+//! confirmation, no leaked stock — through a rush, Redis dying mid-rush, the gateway being
+//! SIGKILLed mid-rush, restarts, and expiry.
+
+mod common;
+
+use std::{collections::HashMap, time::Duration};
+
+use common::{
+    gateway::{room_with_product, unique_prefix, Client, Enc, Gateway, GatewayProcess},
+    redis::RedisServer,
+};
+use livegate::auth::Role;
+use redis::AsyncCommands;
+use serde_json::{json, Value};
+
+async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis")
+}
+
+/// Entries of the events stream of `kind` (for `sku` when given).
+async fn stream_entries(url: &str, prefix: &str, kind: &str) -> Vec<HashMap<String, String>> {
+    let mut c = redis_conn(url).await;
+    let reply: redis::streams::StreamRangeReply = c
+        .xrange_all(format!("{prefix}:events"))
+        .await
+        .expect("xrange");
+    reply
+        .ids
+        .into_iter()
+        .map(|e| {
+            e.map
+                .into_iter()
+                .filter_map(|(k, v)| redis::from_redis_value::<String>(v).ok().map(|v| (k, v)))
+                .collect::<HashMap<_, _>>()
+        })
+        .filter(|m| m.get("kind").map(String::as_str) == Some(kind))
+        .collect()
+}
+
+async fn connect_many(url: impl Fn(usize) -> String, n: usize) -> Vec<Client> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        out.push(Client::connect(&url(i), Enc::Json).await);
+    }
+    out
+}
+
+/// Every client sends one add_to_cart at once; returns each client's reply.
+async fn rush(clients: Vec<Client>, room: &str, sku: &str) -> Vec<(Client, Value)> {
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| {
+            let (room, sku) = (room.to_string(), sku.to_string());
+            tokio::spawn(async move {
+                let r = c
+                    .request(json!({"type":"add_to_cart","room":room,"sku":sku,"qty":1}))
+                    .await;
+                (c, r)
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("client task"));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rush_of_1000_for_100_units_reserves_exactly_100() {
+    let redis = RedisServer::start();
+    let prefix = unique_prefix();
+    let gw = Gateway::start_with(&redis.url(), &[("LIVEGATE_KEY_PREFIX", &prefix)]).await;
+    let _a = room_with_product(&gw, "hot", "sku-hot", 100).await;
+    let clients = connect_many(
+        |i| gw.ws_url(&gw.token(&format!("buyer{i}"), Role::Viewer, &[])),
+        1000,
+    )
+    .await;
+    let replies = rush(clients, "hot", "sku-hot").await;
+    let mut reserved = Vec::new();
+    for (_, r) in &replies {
+        match r["type"].as_str() {
+            Some("reserved") => reserved.push(r["reservation"].as_str().expect("id").to_string()),
+            Some("error") => assert_eq!(r["code"], "sold_out", "{r}"),
+            _ => panic!("unexpected reply {r}"),
+        }
+    }
+    assert_eq!(reserved.len(), 100);
+    let entries = stream_entries(&redis.url(), &prefix, "reserved").await;
+    assert_eq!(entries.len(), 100);
+    let mut c = redis_conn(&redis.url()).await;
+    for id in &reserved {
+        let held: bool = c
+            .hexists(format!("{prefix}:reservations"), id)
+            .await
+            .expect("hexists");
+        assert!(held, "confirmed reservation {id} is in redis");
+    }
+    let counts = gw.app.inventory.counts("sku-hot").expect("sku");
+    assert_eq!(
+        (counts.available, counts.reserved, counts.sold),
+        (0, 100, 0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_dying_mid_rush_gives_unavailable_leaks_nothing_and_serving_resumes() {
+    let mut redis = RedisServer::start_durable();
+    let prefix = unique_prefix();
+    let gw = Gateway::start_with(
+        &redis.url(),
+        &[
+            ("LIVEGATE_KEY_PREFIX", &prefix),
+            ("LIVEGATE_COMMIT_TIMEOUT_MS", "1000"),
+        ],
+    )
+    .await;
+    let _a = room_with_product(&gw, "r", "s", 1000).await;
+    let clients = connect_many(
+        |i| gw.ws_url(&gw.token(&format!("b{i}"), Role::Viewer, &[])),
+        300,
+    )
+    .await;
+    let (first, second): (Vec<_>, Vec<_>) =
+        clients.into_iter().enumerate().partition(|(i, _)| *i < 150);
+    let first: Vec<Client> = first.into_iter().map(|(_, c)| c).collect();
+    let second: Vec<Client> = second.into_iter().map(|(_, c)| c).collect();
+    let ok_before = rush(first, "r", "s").await;
+    assert!(ok_before.iter().all(|(_, r)| r["type"] == "reserved"));
+    redis.kill();
+    let during = rush(second, "r", "s").await;
+    for (_, r) in &during {
+        assert_eq!(r["type"], "error", "{r}");
+        assert_eq!(r["code"], "unavailable", "{r}");
+    }
+    // Nothing was sold twice while Redis was away.
+    let counts = gw.app.inventory.counts("s").expect("sku");
+    assert_eq!(counts.available + counts.reserved, 1000, "{counts:?}");
+    redis.restart();
+    // Serving resumes by itself.
+    let mut c = Client::connect(&gw.ws_url(&gw.token("late", Role::Viewer, &[])), Enc::Json).await;
+    let mut resumed = false;
+    for _ in 0..50 {
+        let r = c
+            .request(json!({"type":"add_to_cart","room":"r","sku":"s","qty":1}))
+            .await;
+        if r["type"] == "reserved" {
+            resumed = true;
+            break;
+        }
+        assert_eq!(r["code"], "unavailable", "{r}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(resumed, "serving did not resume after redis came back");
+    let mut rc = redis_conn(&redis.url()).await;
+    let held: usize = rc
+        .hlen(format!("{prefix}:reservations"))
+        .await
+        .expect("hlen");
+    assert_eq!(
+        held, 151,
+        "every confirmed reservation survived the redis crash"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_killed_mid_rush_keeps_every_invariant_after_restart() {
+    let redis = RedisServer::start_durable();
+    let prefix = unique_prefix();
+    let mut gw = GatewayProcess::start(&redis.url(), &prefix, &[]).await;
+    let mut anchor = Client::connect(&gw.ws_url("anchor", Role::Anchor, &["k"]), Enc::Json).await;
+    anchor
+        .request(json!({"type":"open_room","room":"k","title":"t"}))
+        .await;
+    let r = anchor
+        .request(json!({"type":"upsert_product","room":"k","sku":"s","title":"t","price_cents":100,"stock":100}))
+        .await;
+    assert_eq!(r["type"], "ack");
+    anchor
+        .request(json!({"type":"pin","room":"k","sku":"s"}))
+        .await;
+    let clients = connect_many(|i| gw.ws_url(&format!("u{i}"), Role::Viewer, &[]), 300).await;
+    // Everyone presses at once; the gateway is killed while replies are in flight.
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut c)| {
+            tokio::spawn(async move {
+                c.send(json!({"type":"add_to_cart","req":format!("q{i}"),"room":"k","sku":"s","qty":1}))
+                    .await;
+                match c.next_event(Duration::from_secs(5)).await {
+                    common::gateway::Event::Msg(m) => Some(m),
+                    _ => None,
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    gw.kill9_and_restart().await;
+    let mut confirmed = Vec::new();
+    for t in tasks {
+        if let Some(m) = t.await.expect("task") {
+            if m["type"] == "reserved" {
+                confirmed.push((
+                    m["req"].as_str().unwrap_or("").to_string(),
+                    m["reservation"].as_str().unwrap_or("").to_string(),
+                ));
+            }
+        }
+    }
+    let mut c = redis_conn(&redis.url()).await;
+    let held: HashMap<String, String> = c
+        .hgetall(format!("{prefix}:reservations"))
+        .await
+        .expect("hgetall");
+    // No lost confirmation.
+    for (_, id) in &confirmed {
+        assert!(held.contains_key(id), "confirmed {id} lost");
+    }
+    // No oversell, and the restarted gateway agrees with redis on what is left.
+    assert!(held.len() <= 100);
+    let (status, body) = common::gateway::http_get_addr(gw.addr, "/api/v1/rooms/k").await;
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["pinned"], "s", "pin restored");
+    assert_eq!(v["products"][0]["available"], 100 - held.len() as u64);
+    // A retry with the same req after the restart returns the same reservation.
+    if let Some((req, id)) = confirmed.first() {
+        let i: usize = req.trim_start_matches('q').parse().expect("req number");
+        let mut again =
+            Client::connect(&gw.ws_url(&format!("u{i}"), Role::Viewer, &[]), Enc::Json).await;
+        again
+            .send(json!({"type":"add_to_cart","req":req,"room":"k","sku":"s","qty":1}))
+            .await;
+        let r = again.reply_to(req).await;
+        assert_eq!(r["type"], "reserved", "{r}");
+        assert_eq!(r["reservation"], id.as_str());
+    }
+    // Selling goes on after the restart up to exactly the stock.
+    let more = connect_many(|i| gw.ws_url(&format!("late{i}"), Role::Viewer, &[]), 150).await;
+    let replies = rush(more, "k", "s").await;
+    let sold_after = replies
+        .iter()
+        .filter(|(_, r)| r["type"] == "reserved")
+        .count();
+    assert_eq!(
+        held.len() + sold_after,
+        100,
+        "exactly the stock is sold, no more"
+    );
+}
+
+#[tokio::test]
+async fn a_restart_restores_rooms_shelves_pins_and_reservations() {
+    let redis = RedisServer::start();
+    let prefix = unique_prefix();
+    let cfg = [("LIVEGATE_KEY_PREFIX", prefix.as_str())];
+    let mut gw = Gateway::start_with(&redis.url(), &cfg).await;
+    let mut a = room_with_product(&gw, "room", "sku", 10).await;
+    a.request(json!({"type":"pin","room":"room","sku":"sku"}))
+        .await;
+    let mut v = gw.viewer("alice").await;
+    v.request(json!({"type":"join","room":"room"})).await;
+    v.send(json!({"type":"add_to_cart","req":"cart-1","room":"room","sku":"sku","qty":3}))
+        .await;
+    let r = v.reply_to("cart-1").await;
+    assert_eq!(r["type"], "reserved");
+    let id = r["reservation"].as_str().expect("id").to_string();
+    gw.stop().await;
+    drop(gw);
+
+    let gw2 = Gateway::start_with(&redis.url(), &cfg).await;
+    let mut v = gw2.viewer("alice").await;
+    let st = v
+        .request(json!({"type":"join","room":"room","since":3}))
+        .await;
+    assert_eq!(
+        st["type"], "room_state",
+        "a since from before the restart gets a snapshot"
+    );
+    assert_eq!(st["status"], "live");
+    assert_eq!(st["pinned"], "sku");
+    assert_eq!(st["products"][0]["available"], 7);
+    assert_eq!(st["products"][0]["title"], "Lipstick");
+    // Idempotent retry after the restart.
+    v.send(json!({"type":"add_to_cart","req":"cart-1","room":"room","sku":"sku","qty":3}))
+        .await;
+    let again = v.reply_to("cart-1").await;
+    assert_eq!(again["reservation"], id.as_str());
+    let rel = v.request(json!({"type":"release","reservation":id})).await;
+    assert_eq!(rel["type"], "released");
+    assert_eq!(gw2.app.inventory.available("sku"), Some(10));
+}
+
+#[tokio::test]
+async fn reservations_expire_with_a_notice_and_their_units_return() {
+    let redis = RedisServer::start();
+    let prefix = unique_prefix();
+    let gw = Gateway::start_with(&redis.url(), &[("LIVEGATE_KEY_PREFIX", &prefix)]).await;
+    let mut a = gw.anchor("a", &["x"]).await;
+    a.request(json!({"type":"open_room","room":"x","title":"t"}))
+        .await;
+    let r = a
+        .request(json!({"type":"upsert_product","room":"x","sku":"quick","title":"t","price_cents":5,"stock":2,"ttl_s":1}))
+        .await;
+    assert_eq!(r["type"], "ack");
+    let mut v = gw.viewer("bob").await;
+    let r = v
+        .request(json!({"type":"add_to_cart","room":"x","sku":"quick","qty":2}))
+        .await;
+    let id = r["reservation"].as_str().expect("id").to_string();
+    assert_eq!(gw.app.inventory.available("quick"), Some(0));
+    let notice = v.recv_type("released").await;
+    assert_eq!(
+        notice,
+        json!({"type":"released","reservation":id,"reason":"expired"})
+    );
+    assert_eq!(gw.app.inventory.available("quick"), Some(2));
+    let expired = stream_entries(&redis.url(), &prefix, "expired").await;
+    assert_eq!(expired.len(), 1);
+    assert_eq!(expired[0]["reservation"], id);
+    // Checkout of an expired reservation.
+    let r = v
+        .request(json!({"type":"checkout","reservations":[id]}))
+        .await;
+    assert_eq!(r["type"], "error");
+}
+
+#[tokio::test]
+async fn reservations_that_expired_while_down_are_expired_at_start() {
+    let redis = RedisServer::start();
+    let prefix = unique_prefix();
+    let cfg = [("LIVEGATE_KEY_PREFIX", prefix.as_str())];
+    let mut gw = Gateway::start_with(&redis.url(), &cfg).await;
+    let mut a = gw.anchor("a", &["y"]).await;
+    a.request(json!({"type":"open_room","room":"y","title":"t"}))
+        .await;
+    a.request(json!({"type":"upsert_product","room":"y","sku":"z","title":"t","price_cents":5,"stock":3,"ttl_s":1}))
+        .await;
+    let mut v = gw.viewer("carol").await;
+    let r = v
+        .request(json!({"type":"add_to_cart","room":"y","sku":"z","qty":3}))
+        .await;
+    assert_eq!(r["type"], "reserved");
+    // Down before the sweeper sees it expire.
+    gw.stop().await;
+    drop(gw);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let gw2 = Gateway::start_with(&redis.url(), &cfg).await;
+    let mut back = false;
+    for _ in 0..50 {
+        if gw2.app.inventory.available("z") == Some(3) {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        back,
+        "units of a reservation that expired while down came back"
+    );
+    let mut c = redis_conn(&redis.url()).await;
+    let held: usize = c
+        .hlen(format!("{prefix}:reservations"))
+        .await
+        .expect("hlen");
+    assert_eq!(held, 0);
+}
