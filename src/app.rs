@@ -64,6 +64,7 @@ pub struct App {
     pub epoch: u32,
     next_conn: AtomicU64,
     next_order: AtomicU64,
+    next_baseline: AtomicU64,
     audience: mpsc::Sender<redis::Pipeline>,
     store: tokio::sync::OnceCell<OrderStore>,
 }
@@ -122,6 +123,8 @@ impl App {
             epoch,
             next_conn: AtomicU64::new(1),
             next_order: AtomicU64::new(1),
+            // Baseline ids live above the core's counter range so the two never meet.
+            next_baseline: AtomicU64::new(1 << 39),
             cfg,
         });
         recovery::restore(&app)
@@ -134,6 +137,11 @@ impl App {
 
     pub fn next_conn_id(&self) -> u64 {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A fresh reservation counter for the Lua baseline mode.
+    pub fn next_baseline_id(&self) -> u64 {
+        self.next_baseline.fetch_add(1, Ordering::Relaxed)
     }
 
     /// A fresh order id, unique across restarts (it carries the epoch).

@@ -7,6 +7,7 @@
 
 mod anchor;
 mod cart;
+mod lua_baseline;
 mod viewer;
 
 pub use cart::reservation_record;

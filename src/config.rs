@@ -17,6 +17,16 @@ pub struct Config {
     pub key_prefix: String,
     pub limits: Limits,
     pub order_writer: OrderWriterConfig,
+    /// How `add_to_cart` reserves: the in-memory core (production) or one Redis Lua script
+    /// per request (the usual flash-sale design, kept only as a benchmark baseline).
+    pub reserve_mode: ReserveMode,
+}
+
+/// See [`Config::reserve_mode`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReserveMode {
+    Core,
+    Lua,
 }
 
 /// The bounds of the gateway. Every one of them is configurable and counted in a metric.
@@ -243,6 +253,16 @@ impl Config {
                 ));
             }
         }
+        let reserve_mode = match r.string("LIVEGATE_RESERVE_MODE", "core").as_str() {
+            "core" => ReserveMode::Core,
+            "lua" => ReserveMode::Lua,
+            other => {
+                r.errors.push(format!(
+                    "LIVEGATE_RESERVE_MODE={other:?} must be core or lua (lua is a benchmark baseline)"
+                ));
+                ReserveMode::Core
+            }
+        };
         if r.errors.is_empty() {
             Ok(Config {
                 listen,
@@ -252,6 +272,7 @@ impl Config {
                 key_prefix,
                 limits,
                 order_writer,
+                reserve_mode,
             })
         } else {
             Err(ConfigErrors(r.errors))

@@ -372,3 +372,27 @@ async fn reservations_that_expired_while_down_are_expired_at_start() {
         .expect("hlen");
     assert_eq!(held, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lua_baseline_mode_never_oversells_either() {
+    let redis = RedisServer::start();
+    let prefix = unique_prefix();
+    let gw = Gateway::start_with(
+        &redis.url(),
+        &[("LIVEGATE_KEY_PREFIX", &prefix), ("LIVEGATE_RESERVE_MODE", "lua")],
+    )
+    .await;
+    let _a = room_with_product(&gw, "lua", "s", 50).await;
+    let clients = connect_many(
+        |i| gw.ws_url(&gw.token(&format!("l{i}"), Role::Viewer, &[])),
+        200,
+    )
+    .await;
+    let replies = rush(clients, "lua", "s").await;
+    let ok = replies.iter().filter(|(_, r)| r["type"] == "reserved").count();
+    assert_eq!(ok, 50);
+    assert!(replies
+        .iter()
+        .all(|(_, r)| r["type"] == "reserved" || r["code"] == "sold_out"));
+    assert_eq!(stream_entries(&redis.url(), &prefix, "reserved").await.len(), 50);
+}

@@ -12,6 +12,7 @@ use super::{anchor::inv_error, find_room, unavailable, Reply, Session};
 use crate::{
     app::App,
     commit::CommitError,
+    config::ReserveMode,
     inventory::{ResId, Reservation, ReserveOutcome, ReserveRequest},
     metrics::{self as m, unix_ms},
     protocol::{ErrorCode, ProtoError, ServerMsg},
@@ -47,7 +48,7 @@ fn reservation_state(app: &App, r: &Reservation) -> Vec<redis::Cmd> {
     vec![hset, idem]
 }
 
-fn reserved_reply(req: String, r: &Reservation) -> ServerMsg {
+pub(super) fn reserved_reply(req: String, r: &Reservation) -> ServerMsg {
     ServerMsg::Reserved {
         req,
         reservation: r.id.to_string(),
@@ -82,6 +83,9 @@ pub async fn add_to_cart(
     }
     let referrer = s.rooms.get(room.as_str()).cloned().flatten();
     let now = unix_ms();
+    if app.cfg.reserve_mode == ReserveMode::Lua {
+        return super::lua_baseline::reserve(app, s, req, &r.id, &sku, qty, referrer, now).await;
+    }
     let outcome = app
         .inventory
         .reserve(ReserveRequest {

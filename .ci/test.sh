@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The project's test command (README "Run the tests"). On a fresh Debian machine with Rust
+# it installs what the tests need (redis-server; nats-server for the loadtest baseline is
+# optional), then runs every test of the workspace and the loadtest smoke runs.
+# PostgreSQL tests run when a server answers on 127.0.0.1:5432 (or LIVEGATE_TEST_POSTGRES)
+# and print a notice and skip otherwise.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  echo "installing: ${need_apt[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
+fi
+
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+cargo test --workspace --locked -- --test-threads=2
+
+# Smoke runs of the load-test harness against a real gateway and a real Redis it starts
+# itself: they fail on a broken invariant (oversell, lost confirmation, missing delivery),
+# never on a timing.
+cargo build --locked -p livegate --bin livegate
+for scenario in fanout rush checkout; do
+  cargo run --locked -q -p livegate-loadtest -- "$scenario" --smoke --spawn --quiet
+done

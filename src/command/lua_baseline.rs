@@ -1,0 +1,102 @@
+//! The benchmark baseline for `add_to_cart`: one Redis Lua script per request, the usual
+//! flash-sale design (stock counted in Redis, checked and taken atomically by a script).
+//! Enabled only by `LIVEGATE_RESERVE_MODE=lua`, so the loadtest can drive both designs with
+//! the same clients and payloads.
+//!
+//! It must not be used in production: reservations made this way are not in the inventory
+//! core, so `release`, `checkout` and expiry do not see them.
+
+use std::sync::{Arc, OnceLock};
+
+use super::{cart::reserved_reply, Reply, Session};
+use crate::{
+    app::App,
+    inventory::{ResId, Reservation},
+    protocol::{ErrorCode, ProtoError},
+};
+
+const SCRIPT: &str = r#"
+-- KEYS: product hash, reservations hash, events stream, idempotency key
+-- ARGV: id, user, req, room, sku, qty, price_cents, expires_at, now, record, ttl_ms
+local prior = redis.call('GET', KEYS[4])
+if prior then return {2, prior} end
+local p = redis.call('HMGET', KEYS[1], 'stocked', 'sold', 'held')
+if not p[1] then return {-1, 'unknown sku'} end
+local free = tonumber(p[1]) - tonumber(p[2] or '0') - tonumber(p[3] or '0')
+local qty = tonumber(ARGV[6])
+if free < qty then return {0, tostring(free)} end
+redis.call('HINCRBY', KEYS[1], 'held', qty)
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[10])
+redis.call('XADD', KEYS[3], '*', 'kind', 'reserved', 'reservation', ARGV[1], 'user', ARGV[2],
+  'req', ARGV[3], 'room', ARGV[4], 'sku', ARGV[5], 'qty', ARGV[6], 'price_cents', ARGV[7],
+  'expires_at', ARGV[8], 'at', ARGV[9])
+redis.call('SET', KEYS[4], ARGV[1] .. ' ' .. ARGV[5], 'PX', ARGV[11])
+return {1, ARGV[1]}
+"#;
+
+fn script() -> &'static redis::Script {
+    static S: OnceLock<redis::Script> = OnceLock::new();
+    S.get_or_init(|| redis::Script::new(SCRIPT))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub async fn reserve(
+    app: &Arc<App>,
+    s: &Session,
+    req: String,
+    room: &Arc<str>,
+    sku: &str,
+    qty: u32,
+    referrer: Option<Arc<str>>,
+    now: u64,
+) -> Reply {
+    let Some(product) = app.hub.product(sku) else {
+        return Err(ProtoError::new(ErrorCode::NotFound, "unknown sku"));
+    };
+    let res = Reservation {
+        id: ResId::new(app.epoch, app.next_baseline_id()),
+        user: s.user.clone(),
+        req: Arc::from(req.as_str()),
+        room: room.clone(),
+        referrer,
+        sku: Arc::from(sku),
+        qty,
+        price_cents: product.price_cents,
+        expires_at: now + u64::from(product.ttl_s) * 1000,
+    };
+    let id = res.id.to_string();
+    let (code, detail): (i64, String) = script()
+        .key(app.keys.product(sku))
+        .key(app.keys.reservations())
+        .key(app.keys.events())
+        .key(app.keys.reserve_idem(&s.user, &req))
+        .arg(&id)
+        .arg(&*s.user)
+        .arg(&req)
+        .arg(&**room)
+        .arg(sku)
+        .arg(qty)
+        .arg(res.price_cents)
+        .arg(res.expires_at)
+        .arg(now)
+        .arg(super::reservation_record(&res))
+        .arg(app.cfg.limits.idempotency_ttl.as_millis() as u64)
+        .invoke_async(&mut app.redis.clone())
+        .await
+        .map_err(|e| ProtoError::new(ErrorCode::Unavailable, format!("redis: {e}")))?;
+    match code {
+        1 => Ok(Some(reserved_reply(req, &res))),
+        2 => {
+            let prior = detail.split(' ').next().unwrap_or_default().to_string();
+            Err(ProtoError::new(
+                ErrorCode::Conflict,
+                format!("req already made reservation {prior}"),
+            ))
+        }
+        0 => Err(ProtoError::new(
+            ErrorCode::SoldOut,
+            format!("sold out: {detail} available"),
+        )),
+        _ => Err(ProtoError::new(ErrorCode::NotFound, detail)),
+    }
+}
