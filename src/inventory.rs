@@ -291,14 +291,14 @@ impl Inventory {
             return Err(InvError::Invalid("ttl_s must be at least 1"));
         }
         let mut s = self.sku_shard(sku);
-        if let Some(p) = s.products.get_mut(sku) {
+        if s.products.contains_key(sku) {
             if initial_stock.is_some() {
                 return Err(InvError::Conflict(
                     "stock is set only when a product is created; use restock".into(),
                 ));
             }
-            p.spec = spec;
-            return Ok((false, p.counts()));
+            let counts = s.set_spec(sku, spec).ok_or(InvError::UnknownSku)?;
+            return Ok((false, counts));
         }
         let p = Product::new(spec, initial_stock.unwrap_or(0));
         let counts = p.counts();
@@ -395,8 +395,10 @@ impl Inventory {
             }
             if let Some(p) = g.products.get_mut(&*res.sku) {
                 p.reserved = p.reserved.saturating_add(qty);
-                let u: &mut UserUnits = p.users.entry(Arc::clone(&res.user)).or_default();
-                u.held = u.held.saturating_add(qty);
+                if p.tracks_held() {
+                    let u: &mut UserUnits = p.users.entry(Arc::clone(&res.user)).or_default();
+                    u.held = u.held.saturating_add(qty);
+                }
             }
             if res.id.epoch() == self.epoch {
                 floor = floor.max(res.id.counter().saturating_add(1));

@@ -58,6 +58,11 @@ enum Op {
     SnapshotRestore {
         shards: usize,
     },
+    /// Changes a product's limit (0 = none) through `upsert`.
+    SetLimit {
+        sku: usize,
+        limit: u32,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -80,6 +85,8 @@ fn op() -> impl Strategy<Value = Op> {
         // Whole seconds too, so `now` lands exactly on expiry times (TTLs are whole seconds).
         2 => prop_oneof![0u64..8000, (0u64..8).prop_map(|s| s * 1000)].prop_map(Op::Advance),
         1 => (1usize..9).prop_map(|shards| Op::SnapshotRestore { shards }),
+        1 => (0usize..3, prop_oneof![Just(0u32), 1u32..8])
+            .prop_map(|(sku, limit)| Op::SetLimit { sku, limit }),
     ]
 }
 
@@ -103,6 +110,10 @@ struct MRes {
 
 #[derive(Default)]
 struct Model {
+    limits: [u32; 3],
+    /// A lowered limit applies to later reserves only: the "never above the limit" check
+    /// is skipped for a SKU once its limit was changed.
+    limit_changed: [bool; 3],
     stocked: [u64; 3],
     sold: [u64; 3],
     live: BTreeMap<ResId, MRes>,
@@ -235,9 +246,9 @@ fn check_invariants(inv: &Inventory, m: &Model) -> Result<(), TestCaseError> {
         prop_assert!(c.reserved + c.sold <= c.stocked);
         prop_assert_eq!(c.available, c.stocked - c.reserved - c.sold);
         prop_assert_eq!(inv.available(sku), Some(c.available));
-        if LIMITS[i] > 0 {
+        if m.limits[i] > 0 && !m.limit_changed[i] {
             for u in 0..3 {
-                prop_assert!(m.used(u, i) <= u64::from(LIMITS[i]));
+                prop_assert!(m.used(u, i) <= u64::from(m.limits[i]));
             }
         }
     }
@@ -247,7 +258,10 @@ fn check_invariants(inv: &Inventory, m: &Model) -> Result<(), TestCaseError> {
 fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let users: Vec<Arc<str>> = (0..3).map(|u| Arc::from(format!("user{u}"))).collect();
     let mut inv = new_inv(4);
-    let mut m = Model::default();
+    let mut m = Model {
+        limits: LIMITS,
+        ..Model::default()
+    };
     for (i, sku) in SKUS.iter().enumerate() {
         let spec = ProductSpec {
             price_cents: 100 * (i as i64 + 1),
@@ -286,11 +300,11 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         (false, Some(St::Held)) => Ok(Some(id)),
                         (false, Some(_)) => Err(InvError::InFlight),
                     }
-                } else if LIMITS[sku] > 0
-                    && m.used(user, sku) + u64::from(qty) > u64::from(LIMITS[sku])
+                } else if m.limits[sku] > 0
+                    && m.used(user, sku) + u64::from(qty) > u64::from(m.limits[sku])
                 {
                     Err(InvError::LimitExceeded {
-                        limit: LIMITS[sku],
+                        limit: m.limits[sku],
                         held: m.used(user, sku),
                     })
                 } else if m.available(sku) < u64::from(qty) {
@@ -457,6 +471,19 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 }
             }
             Op::Advance(ms) => m.now += ms,
+            Op::SetLimit { sku, limit } => {
+                let spec = ProductSpec {
+                    price_cents: 100 * (sku as i64 + 1),
+                    limit_per_user: limit,
+                    ttl_s: TTLS[sku],
+                };
+                let (created, _) = inv
+                    .upsert(SKUS[sku], spec, None)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert!(!created);
+                m.limits[sku] = limit;
+                m.limit_changed[sku] = true;
+            }
             Op::SnapshotRestore { shards } => {
                 let snap = inv.snapshot();
                 let fresh = new_inv(shards);

@@ -103,30 +103,41 @@ impl Product {
         self.available = self.available.saturating_add(qty - pay);
     }
 
+    /// Whether per-user held units are tracked: only while there is a limit, so the hot
+    /// path of an unlimited product never touches the users map. Bought units are always
+    /// tracked (a limit set later must count them); held ones are recounted from the
+    /// reservations when a limit is set (`Shard::set_spec`).
+    pub(crate) fn tracks_held(&self) -> bool {
+        self.spec.limit_per_user > 0
+    }
+
     /// A reservation's units go back to available.
     fn give_back(&mut self, user: &str, qty: u64) {
         self.reserved = self.reserved.saturating_sub(qty);
         self.add_available(qty);
-        self.user_done(user, qty, false);
+        if self.tracks_held() {
+            if let Some(u) = self.users.get_mut(user) {
+                u.held = u.held.saturating_sub(qty);
+                if u.held == 0 && u.bought == 0 {
+                    self.users.remove(user);
+                }
+            }
+        }
     }
 
     /// A reservation's units are bought.
-    fn sell(&mut self, user: &str, qty: u64) {
+    fn sell(&mut self, user: &Arc<str>, qty: u64) {
         self.reserved = self.reserved.saturating_sub(qty);
         self.sold = self.sold.saturating_add(qty);
-        self.user_done(user, qty, true);
-    }
-
-    fn user_done(&mut self, user: &str, qty: u64, bought: bool) {
-        if let Some(u) = self.users.get_mut(user) {
+        let track = self.tracks_held();
+        let u = match self.users.get_mut(&**user) {
+            Some(u) => u,
+            None => self.users.entry(Arc::clone(user)).or_default(),
+        };
+        if track {
             u.held = u.held.saturating_sub(qty);
-            if bought {
-                u.bought = u.bought.saturating_add(qty);
-            }
-            if u.held == 0 && u.bought == 0 {
-                self.users.remove(user);
-            }
         }
+        u.bought = u.bought.saturating_add(qty);
     }
 
     /// Adds `delta` units of stock (restock or undo of a negative restock).
@@ -275,16 +286,18 @@ impl Shard {
             .saturating_add(u64::from(product.spec.ttl_s).saturating_mul(1000));
         product.available -= qty;
         product.reserved = product.reserved.saturating_add(qty);
-        match product.users.get_mut(&*r.user) {
-            Some(u) => u.held = u.held.saturating_add(qty),
-            None => {
-                product.users.insert(
-                    Arc::clone(&r.user),
-                    UserUnits {
-                        held: qty,
-                        bought: 0,
-                    },
-                );
+        if limit > 0 {
+            match product.users.get_mut(&*r.user) {
+                Some(u) => u.held = u.held.saturating_add(qty),
+                None => {
+                    product.users.insert(
+                        Arc::clone(&r.user),
+                        UserUnits {
+                            held: qty,
+                            bought: 0,
+                        },
+                    );
+                }
             }
         }
         let res = Reservation {
@@ -347,6 +360,30 @@ impl Shard {
 
     fn entry(&mut self, id: ResId) -> Result<&mut Entry, InvError> {
         self.reservations.get_mut(&id.0).ok_or(InvError::NotFound)
+    }
+
+    /// Replaces a product's spec. Setting a limit where there was none recounts the units
+    /// each user holds from this shard's reservations; removing it forgets them.
+    pub(crate) fn set_spec(&mut self, sku: &str, spec: ProductSpec) -> Option<ProductCounts> {
+        let p = self.products.get_mut(sku)?;
+        let was = p.tracks_held();
+        p.spec = spec;
+        match (was, p.tracks_held()) {
+            (false, true) => {
+                for e in self.reservations.values().filter(|e| &*e.res.sku == sku) {
+                    let u = p.users.entry(Arc::clone(&e.res.user)).or_default();
+                    u.held = u.held.saturating_add(u64::from(e.res.qty));
+                }
+            }
+            (true, false) => {
+                p.users.retain(|_, u| {
+                    u.held = 0;
+                    u.bought > 0
+                });
+            }
+            _ => {}
+        }
+        Some(p.counts())
     }
 
     pub(crate) fn confirm(&mut self, id: ResId) -> Result<(), InvError> {

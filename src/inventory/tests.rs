@@ -636,3 +636,38 @@ fn error_codes() {
     assert_eq!(InvError::InvalidQty.code(), "bad_request");
     assert_eq!(InvError::Invalid("x").code(), "bad_request");
 }
+
+#[test]
+fn limit_set_later_counts_what_is_already_held_and_bought() {
+    let inv = inv();
+    inv.upsert("a", SPEC, Some(100)).expect("create");
+    let r1 = held(&inv, "u", "q1", "a", 2, 0);
+    let r2 = held(&inv, "u", "q2", "a", 1, 0);
+    inv.begin_checkout("u", &[r2.id], 0).expect("co");
+    inv.finish_checkout(&[r2.id], true).expect("commit");
+    let limited = ProductSpec {
+        limit_per_user: 4,
+        ..SPEC
+    };
+    inv.upsert("a", limited, None).expect("set limit");
+    assert_eq!(
+        inv.reserve(req("u", "q3", "a", 2, 0)),
+        Err(InvError::LimitExceeded { limit: 4, held: 3 })
+    );
+    held(&inv, "u", "q4", "a", 1, 0);
+    // Lifting the limit and setting it again recounts.
+    inv.upsert("a", SPEC, None).expect("lift");
+    held(&inv, "u", "q5", "a", 5, 0);
+    inv.upsert("a", limited, None).expect("set again");
+    assert_eq!(
+        inv.reserve(req("u", "q6", "a", 1, 0)),
+        Err(InvError::LimitExceeded { limit: 4, held: 9 })
+    );
+    inv.begin_release("u", r1.id).expect("begin");
+    inv.finish_release(r1.id, true).expect("finish");
+    assert_eq!(
+        inv.reserve(req("u", "q6", "a", 1, 0)),
+        Err(InvError::LimitExceeded { limit: 4, held: 7 })
+    );
+    assert_eq!(counts(&inv, "a"), (100, 93, 6, 1));
+}
