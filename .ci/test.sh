@@ -24,5 +24,6 @@ cargo test --workspace --locked -- --test-threads=2
 # never on a timing.
 cargo build --locked -p livegate --bin livegate
 for scenario in fanout rush checkout; do
-  cargo run --locked -q -p livegate-loadtest -- "$scenario" --smoke --spawn --quiet
+  cargo run --locked -q -p livegate-loadtest -- "$scenario" --smoke --spawn --quiet \
+    --gateway-bin target/debug/livegate
 done
