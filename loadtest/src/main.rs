@@ -76,6 +76,7 @@ async fn run(cli: Cli) -> Result<bool> {
                 common.spawn,
                 "--compare-lua needs --spawn (it starts the gateway twice)"
             );
+            report.row("load average at start", loadavg());
             let mut a = a.clone();
             a.target = rush::Target::Gateway;
             let (ctx, sp) = Ctx::setup(&common, n, &[]).await?;
@@ -106,9 +107,11 @@ async fn run(cli: Cli) -> Result<bool> {
                 "ratio core/lua p99",
                 ratio(core.p99_us as f64, lua.p99_us as f64),
             );
+            report.row("load average at end", loadavg());
             return report.finish(json_path.as_deref(), plot_path.as_deref());
         }
     }
+    report.row("load average at start", loadavg());
     let env = match &cli.scenario {
         Scenario::Rush(a) => a.target.env(),
         _ => vec![],
@@ -133,7 +136,16 @@ async fn run(cli: Cli) -> Result<bool> {
     };
     stop(sp, &mut report).await;
     result?;
+    report.row("load average at end", loadavg());
     report.finish(json_path.as_deref(), plot_path.as_deref())
+}
+
+/// The 1-minute load average: the machine is shared, so every result says how busy it was.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_default()
 }
 
 async fn stop(sp: Option<ctx::Spawned>, report: &mut Report) {

@@ -84,6 +84,9 @@ struct Tally {
     seq_gaps: AtomicU64,
     undecodable: AtomicU64,
     disconnects: AtomicU64,
+    /// Latest receive instant of a pin event, in µs since `base`.
+    last_rx_us: AtomicU64,
+    base: Instant,
     /// Set when the harness closes its own connections, so those closes are not counted.
     closing: AtomicBool,
     first_problem: Mutex<Option<String>>,
@@ -98,6 +101,8 @@ impl Tally {
             undecodable: AtomicU64::new(0),
             disconnects: AtomicU64::new(0),
             closing: AtomicBool::new(false),
+            last_rx_us: AtomicU64::new(0),
+            base: Instant::now(),
             first_problem: Mutex::new(None),
         })
     }
@@ -147,6 +152,8 @@ fn on_pin_event(t: &Tally, plan: &RoomPlan, v: &Viewer, msg: &Value, now: Instan
     }
     match plan.sends.get(k).and_then(OnceLock::get) {
         Some(sent) => {
+            let us = now.saturating_duration_since(t.base).as_micros() as u64;
+            t.last_rx_us.fetch_max(us, Ordering::Relaxed);
             let mut h = t.hists[v.idx % t.hists.len()].lock().unwrap();
             record(&mut h, now.saturating_duration_since(*sent));
         }
@@ -243,6 +250,7 @@ pub async fn run(ctx: &Ctx, common: &Common, a: &Args, report: &mut Report) -> R
         json!({"viewers": viewers, "rooms": rooms, "rate_per_room": a.rate, "duration_s": dur.as_secs_f64(),
                "events_per_room": events, "encoding": common.encoding, "products": a.products}),
     );
+    report.row("offered deliveries/s", viewers as f64 * a.rate);
     if a.baseline_only {
         let nats = nats_phase(ctx, a, viewers, rooms, events, dur).await?;
         nats.report(report);
@@ -284,7 +292,7 @@ async fn livegate_phase(
     viewers: usize,
     rooms: usize,
     events: usize,
-    dur: Duration,
+    _dur: Duration,
 ) -> Result<Phase> {
     let plans = plans(ctx, rooms, a.products, events);
     let room_ids: Vec<String> = plans.iter().map(|p| p.id.clone()).collect();
@@ -433,9 +441,13 @@ async fn livegate_phase(
     for t in tasks {
         let _ = t.await;
     }
-    let elapsed = start.elapsed().max(dur.min(Duration::from_millis(1)));
     pb.finish_and_clear();
     tokio::time::sleep(Duration::from_secs(a.drain)).await;
+    // Throughput window: first event sent → last delivery received.
+    let last_rx = tally.base + Duration::from_micros(tally.last_rx_us.load(Ordering::Relaxed));
+    let elapsed = last_rx
+        .saturating_duration_since(start)
+        .max(Duration::from_millis(1));
     let anchor_errors = anchor_errors.load(Ordering::Relaxed);
     let mut expected = 0u64;
     let mut delivered = 0u64;
@@ -477,7 +489,7 @@ async fn nats_phase(
     viewers: usize,
     rooms: usize,
     events: usize,
-    dur: Duration,
+    _dur: Duration,
 ) -> Result<Phase> {
     let server = NatsServer::start(&a.nats_server).await?;
     let addr = server.ws_addr;
@@ -555,9 +567,13 @@ async fn nats_phase(
     for t in tasks {
         let _ = t.await;
     }
-    let elapsed = start.elapsed().max(dur.min(Duration::from_millis(1)));
     pb.finish_and_clear();
     tokio::time::sleep(Duration::from_secs(a.drain)).await;
+    // Throughput window: first event sent → last delivery received.
+    let last_rx = tally.base + Duration::from_micros(tally.last_rx_us.load(Ordering::Relaxed));
+    let elapsed = last_rx
+        .saturating_duration_since(start)
+        .max(Duration::from_millis(1));
     let mut expected = 0u64;
     let mut delivered = 0u64;
     let mut missing = 0u64;

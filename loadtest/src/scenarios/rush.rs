@@ -164,6 +164,7 @@ pub async fn run(
                 .request(json!({"type": "add_to_cart", "req": req, "room": room, "sku": sku, "qty": qty}))
                 .await;
             let now = Instant::now();
+            let reply_latency = r.as_ref().ok().map(|r| r.latency);
             let answer = match r {
                 Ok(r) => match (r.kind(), r.error_code()) {
                     ("reserved", _) => Answer::Reserved {
@@ -177,7 +178,7 @@ pub async fn run(
                 },
                 Err(e) => Answer::Lost(format!("{e:#}")),
             };
-            (answer, now)
+            (answer, now, reply_latency)
         }));
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -199,7 +200,11 @@ pub async fn run(
     let mut errors: BTreeMap<String, usize> = BTreeMap::new();
     let mut lost = Vec::new();
     let mut last_reserved = go_at;
-    for (ans, at) in answers {
+    let mut from_send = histogram();
+    for (ans, at, reply_latency) in answers {
+        if let Some(l) = reply_latency {
+            record(&mut from_send, l);
+        }
         record(&mut since_go, at.saturating_duration_since(go_at));
         match ans {
             Answer::Reserved { id, qty, msg } => {
@@ -232,6 +237,7 @@ pub async fn run(
     report.row(&format!("{label} lost replies"), lost.len());
     report.row(&format!("{label} reserved/s"), per_sec);
     report.latency(&format!("{label} add_to_cart (from go)"), &since_go);
+    report.latency(&format!("{label} add_to_cart (from its send)"), &from_send);
 
     // Invariants on the replies.
     if connect_errors > 0 {
