@@ -69,6 +69,12 @@ pub struct App {
     store: tokio::sync::OnceCell<OrderStore>,
 }
 
+/// Eagerly allocated read buffer of every connection: client frames are small and rare,
+/// and larger ones (up to the frame limit) still arrive in several reads.
+const READ_BUFFER: usize = 1024;
+/// Bytes gathered before the writer writes to the socket (a flush writes the rest).
+const WRITE_BUFFER: usize = 8 * 1024;
+
 /// Audience writes (distinct viewers, likes, peak) waiting for Redis; over it they are
 /// dropped and counted: they are figures, not commitments.
 const AUDIENCE_QUEUE: usize = 10_000;
@@ -158,8 +164,10 @@ impl App {
     pub fn ws_config(&self) -> WebSocketConfig {
         let max = self.cfg.limits.max_frame_bytes;
         let mut c = WebSocketConfig::default();
-        c.read_buffer_size = 1024;
-        c.write_buffer_size = 0;
+        c.read_buffer_size = READ_BUFFER;
+        // Frames fed between two flushes are gathered up to this size, so a burst of
+        // broadcasts goes out in a few writes; the buffer grows only when used.
+        c.write_buffer_size = WRITE_BUFFER;
         c.max_write_buffer_size = 4 << 20;
         c.max_message_size = Some(max);
         c.max_frame_size = Some(max);

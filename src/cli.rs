@@ -225,7 +225,7 @@ async fn serve(cfg: Config, with_order_writer: bool) -> ExitCode {
         Ok(l) => l,
         Err(e) => {
             eprintln!("livegate: cannot listen on {}: {e}", cfg.listen);
-            return ExitCode::from(EXIT_CONFIG);
+            return ExitCode::FAILURE;
         }
     };
     let app = loop {
@@ -246,12 +246,22 @@ async fn serve(cfg: Config, with_order_writer: bool) -> ExitCode {
         let cfg = cfg.clone();
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
-            let r = crate::order_writer::run(&cfg, async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
-            .await;
-            if let Err(e) = r {
-                tracing::error!(error = %e, "order writer stopped");
+            // The gateway keeps serving if its order writer fails (orders stay in the
+            // stream); the writer is started again until shutdown.
+            loop {
+                let mut stop2 = stop.clone();
+                let r = crate::order_writer::run(&cfg, async move {
+                    let _ = stop2.wait_for(|s| *s).await;
+                })
+                .await;
+                match r {
+                    Ok(()) => return,
+                    Err(e) => tracing::error!(error = %e, "order writer failed; restarting in 5 s"),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {},
+                    _ = stop.wait_for(|s| *s) => return,
+                }
             }
         })
     });

@@ -26,10 +26,33 @@ pub enum CommitError {
     Unknown,
 }
 
-struct Job {
-    cmds: Vec<redis::Cmd>,
-    deadline: Instant,
-    reply: oneshot::Sender<Result<(), CommitError>>,
+enum Job {
+    /// A change: its commands join the next `MULTI`/`EXEC`.
+    Write {
+        cmds: Vec<redis::Cmd>,
+        deadline: Instant,
+        reply: oneshot::Sender<Result<(), CommitError>>,
+    },
+    /// A read answered on the commit connection after every write queued before it (used
+    /// to settle writes whose outcome was unknown).
+    Probe {
+        cmd: redis::Cmd,
+        reply: oneshot::Sender<Result<i64, CommitError>>,
+    },
+}
+
+/// Whether a failed round trip may still have been applied by Redis.
+fn classify(e: &redis::RedisError) -> CommitError {
+    if e.is_connection_refusal() {
+        // Never reached Redis.
+        CommitError::Unavailable(e.to_string())
+    } else if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {
+        // Sent, perhaps executed, answer lost.
+        CommitError::Unknown
+    } else {
+        // Redis answered with an error: the transaction did not run.
+        CommitError::Unavailable(e.to_string())
+    }
 }
 
 /// A handle to the committer task; cheap to clone.
@@ -57,7 +80,7 @@ impl Committer {
     /// has answered, or with an error within the commit timeout.
     pub async fn commit(&self, cmds: Vec<redis::Cmd>) -> Result<(), CommitError> {
         let (reply, rx) = oneshot::channel();
-        let job = Job {
+        let job = Job::Write {
             cmds,
             deadline: Instant::now() + self.timeout,
             reply,
@@ -75,6 +98,21 @@ impl Committer {
         }
         // The committer enforces the deadline itself; the extra second only guards against
         // a committer that died holding the job.
+        match tokio::time::timeout(self.timeout + Duration::from_secs(1), rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(CommitError::Unavailable("committer stopped".into())),
+            Err(_) => Err(CommitError::Unknown),
+        }
+    }
+
+    /// Runs `cmd` (answering an integer) on the commit connection, after every change
+    /// queued before it. Waits for room in the queue: probes are rare and not urgent.
+    pub async fn probe(&self, cmd: redis::Cmd) -> Result<i64, CommitError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Job::Probe { cmd, reply })
+            .await
+            .map_err(|_| CommitError::Unavailable("committer stopped".into()))?;
         match tokio::time::timeout(self.timeout + Duration::from_secs(1), rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(CommitError::Unavailable("committer stopped".into())),
@@ -103,55 +141,92 @@ async fn run(
                 Err(_) => break,
             }
         }
-        let now = Instant::now();
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        let mut live = Vec::with_capacity(batch.len());
+        // Writes go out together; a probe waits for the writes queued before it.
+        let mut writes = Vec::new();
         for job in batch.drain(..) {
-            if job.deadline <= now {
-                let _ = job.reply.send(Err(CommitError::Unavailable(
-                    "commit deadline passed".into(),
-                )));
-                continue;
+            match job {
+                Job::Write {
+                    cmds,
+                    deadline,
+                    reply,
+                } => writes.push((cmds, deadline, reply)),
+                Job::Probe { cmd, reply } => {
+                    write_batch(&mut conn, std::mem::take(&mut writes), timeout).await;
+                    let r = match tokio::time::timeout(timeout, cmd.query_async::<i64>(&mut conn))
+                        .await
+                    {
+                        Ok(Ok(n)) => Ok(n),
+                        Ok(Err(e)) => Err(classify(&e)),
+                        Err(_) => Err(CommitError::Unknown),
+                    };
+                    let _ = reply.send(r);
+                }
             }
-            for c in &job.cmds {
-                pipe.add_command(c.clone()).ignore();
-            }
-            live.push(job);
         }
-        if live.is_empty() {
+        write_batch(&mut conn, writes, timeout).await;
+    }
+}
+
+type WriteJob = (
+    Vec<redis::Cmd>,
+    Instant,
+    oneshot::Sender<Result<(), CommitError>>,
+);
+
+/// One group commit: every live change in one `MULTI`/`EXEC`, then every caller answered.
+async fn write_batch(conn: &mut ConnectionManager, jobs: Vec<WriteJob>, timeout: Duration) {
+    if jobs.is_empty() {
+        return;
+    }
+    let now = Instant::now();
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    let mut live = Vec::with_capacity(jobs.len());
+    for (cmds, deadline, reply) in jobs {
+        if deadline <= now {
+            let _ = reply.send(Err(CommitError::Unavailable(
+                "commit deadline passed".into(),
+            )));
             continue;
         }
-        metrics::histogram!(m::COMMIT_BATCH).record(live.len() as f64);
-        let started = Instant::now();
-        let remaining = live
-            .iter()
-            .map(|j| j.deadline)
-            .min()
-            .map(|d| d.saturating_duration_since(started))
-            .unwrap_or(timeout);
-        let result = if pipe.cmd_iter().next().is_none() {
-            Ok(())
-        } else {
-            match tokio::time::timeout(remaining, pipe.query_async::<()>(&mut conn)).await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, changes = live.len(), "group commit failed");
-                    Err(CommitError::Unavailable(e.to_string()))
-                }
-                Err(_) => {
-                    tracing::warn!(changes = live.len(), "group commit timed out");
-                    Err(CommitError::Unknown)
-                }
+        for c in cmds {
+            pipe.add_command(c).ignore();
+        }
+        live.push((deadline, reply));
+    }
+    if live.is_empty() {
+        return;
+    }
+    metrics::histogram!(m::COMMIT_BATCH).record(live.len() as f64);
+    let started = Instant::now();
+    let remaining = live
+        .iter()
+        .map(|(d, _)| *d)
+        .min()
+        .map(|d| d.saturating_duration_since(started))
+        .unwrap_or(timeout);
+    let result = if pipe.cmd_iter().next().is_none() {
+        Ok(())
+    } else {
+        match tokio::time::timeout(remaining, pipe.query_async::<()>(conn)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                let c = classify(&e);
+                tracing::warn!(error = %e, changes = live.len(), outcome = ?c, "group commit failed");
+                Err(c)
             }
-        };
-        metrics::histogram!(m::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
-        metrics::gauge!(m::REDIS_UP).set(if result.is_ok() { 1.0 } else { 0.0 });
-        if result.is_err() {
-            metrics::counter!(m::COMMIT_FAILURES).increment(1);
+            Err(_) => {
+                tracing::warn!(changes = live.len(), "group commit timed out");
+                Err(CommitError::Unknown)
+            }
         }
-        for job in live {
-            let _ = job.reply.send(result.clone());
-        }
+    };
+    metrics::histogram!(m::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+    metrics::gauge!(m::REDIS_UP).set(if result.is_ok() { 1.0 } else { 0.0 });
+    if result.is_err() {
+        metrics::counter!(m::COMMIT_FAILURES).increment(1);
+    }
+    for (_, reply) in live {
+        let _ = reply.send(result.clone());
     }
 }

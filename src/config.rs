@@ -225,7 +225,7 @@ impl Config {
             commit_timeout: r.millis("LIVEGATE_COMMIT_TIMEOUT_MS", 5_000, 10, 600_000),
             commit_queue: r.num("LIVEGATE_COMMIT_QUEUE", 65_536, 16, 1 << 24),
             commit_batch: r.num("LIVEGATE_COMMIT_BATCH", 1024, 1, 1 << 20),
-            inventory_shards: r.num("LIVEGATE_INVENTORY_SHARDS", 64, 1, 65_536),
+            inventory_shards: r.num("LIVEGATE_INVENTORY_SHARDS", 64, 1, 4096),
             default_ttl_s: r.num("LIVEGATE_DEFAULT_TTL_S", 600, 1, 7 * 86_400),
             idempotency_ttl: Duration::from_secs(r.num(
                 "LIVEGATE_IDEMPOTENCY_TTL_S",

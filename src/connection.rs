@@ -279,7 +279,9 @@ async fn serve(
                     continue;
                 }
                 refused_in_row = 0;
-                command::dispatch(&app, &mut session, msg).await;
+                // Boxed: the reader of an idle connection does not carry the state of the
+                // largest command while it waits for the next frame.
+                Box::pin(command::dispatch(&app, &mut session, msg)).await;
             }
         }
     }
@@ -308,7 +310,8 @@ async fn serve(
     metrics::counter!(m::CONNECTIONS_CLOSED, "code" => code.to_string()).increment(1);
 }
 
-/// The writer: the only owner of the sink.
+/// The writer: the only owner of the sink. Every socket write races the kill switch, so a
+/// client that stopped reading cannot hold the writer (and its socket) forever.
 async fn write_loop(
     mut sink: SplitSink<Socket, Message>,
     mut rx: mpsc::Receiver<Frame>,
@@ -316,45 +319,64 @@ async fn write_loop(
     heartbeat: Duration,
 ) {
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
-    let result: Result<(), tungstenite::Error> = async {
-        loop {
+    let code = loop {
+        let step = async {
             tokio::select! {
-                biased;
-                code = kill.killed() => {
-                    // Deliver what is already queued (e.g. the reply to a last command)
-                    // unless the client is the reason the queue is full.
-                    if code != close::SLOW_CONSUMER {
-                        while let Ok(f) = rx.try_recv() {
-                            sink.feed(f).await?;
-                        }
-                    }
-                    sink.send(Message::Close(Some(close_frame(code, close_reason(code))))).await?;
-                    return Ok(());
-                }
                 f = rx.recv() => {
-                    let Some(f) = f else { return Ok(()) };
+                    let Some(f) = f else { return Ok(false) };
                     sink.feed(f).await?;
                     let mut n = 1;
                     while n < MAX_WRITE_BATCH {
                         match rx.try_recv() {
-                            Ok(f) => { sink.feed(f).await?; n += 1; }
+                            Ok(f) => {
+                                sink.feed(f).await?;
+                                n += 1;
+                            }
                             Err(_) => break,
                         }
                     }
                     sink.flush().await?;
                     metrics::counter!(m::MESSAGES_SENT).increment(n as u64);
                     metrics::histogram!(m::WRITE_BATCH).record(n as f64);
+                    Ok(true)
                 }
                 _ = ping.tick() => {
                     sink.send(Message::Ping(Default::default())).await?;
+                    Ok(true)
                 }
             }
+        };
+        let r: Result<bool, tungstenite::Error> = tokio::select! {
+            biased;
+            code = kill.killed() => break code,
+            r = step => r,
+        };
+        match r {
+            Ok(true) => continue,
+            // Every sender is gone: the reader ended without a close request.
+            Ok(false) => break kill.code().unwrap_or(close::NORMAL),
+            Err(e) => {
+                tracing::debug!(error = %e, "writer stopped");
+                kill.kill(close::NORMAL);
+                let _ = sink.close().await;
+                return;
+            }
         }
+    };
+    // Closing, bounded: deliver what is queued and what the reader still queues (the reply
+    // to a command in flight) until the queue closes, unless the client is the reason the
+    // queue is full; then the close frame.
+    let closing = async {
+        if code != close::SLOW_CONSUMER {
+            while let Some(f) = rx.recv().await {
+                sink.feed(f).await?;
+            }
+        }
+        sink.send(Message::Close(Some(close_frame(code, close_reason(code)))))
+            .await
+    };
+    if let Ok(Err(e)) = tokio::time::timeout(CLOSE_TIMEOUT, closing).await {
+        tracing::debug!(error = %e, "close frame not delivered");
     }
-    .await;
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "writer stopped");
-        kill.kill(close::NORMAL);
-    }
-    let _ = sink.close().await;
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.close()).await;
 }

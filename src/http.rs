@@ -31,6 +31,7 @@ pub async fn healthz() -> &'static str {
 /// `GET /readyz`: 200 when Redis answers, else 503.
 pub async fn readyz(State(app): State<Arc<App>>) -> Response {
     if app.redis_ready().await {
+        metrics::gauge!(crate::metrics::REDIS_UP).set(1.0);
         (StatusCode::OK, "ready\n").into_response()
     } else {
         metrics::gauge!(crate::metrics::REDIS_UP).set(0.0);

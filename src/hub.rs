@@ -427,10 +427,15 @@ impl Hub {
     pub fn set_product(&self, sku: &str, info: ProductInfo, except_room: Option<&str>) {
         self.catalog.insert(Arc::from(sku), info);
         for r in self.rooms.iter() {
-            if Some(r.key().as_ref()) != except_room {
-                let _ = r.tx.try_send(RoomCmd::CatalogChanged {
-                    sku: sku.to_string(),
-                });
+            if Some(r.key().as_ref()) != except_room
+                && r.tx
+                    .try_send(RoomCmd::CatalogChanged {
+                        sku: sku.to_string(),
+                    })
+                    .is_err()
+            {
+                // That room shows the change on its next join snapshot instead.
+                metrics::counter!(m::ROOM_QUEUE_FULL).increment(1);
             }
         }
     }
@@ -775,6 +780,12 @@ impl RoomTask {
 
     /// Flushes the batched comments and the changed stock levels.
     async fn on_tick(&mut self) {
+        if self.members.is_empty() {
+            // Nobody to tell: a joiner gets the current state in its snapshot.
+            self.comments.clear();
+            self.last_stock.clear();
+            return;
+        }
         if !self.comments.is_empty() {
             let items = std::mem::take(&mut self.comments);
             self.broadcast(|room, seq| ServerMsg::Comments { room, seq, items })

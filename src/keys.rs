@@ -58,9 +58,16 @@ impl Keys {
         format!("{}:reservations", self.prefix)
     }
 
-    /// Idempotency record of `add_to_cart` (user, req) -> reservation id, with a TTL.
-    pub fn reserve_idem(&self, user: &str, req: &str) -> String {
-        format!("{}:idem:reserve:{}:{req}", self.prefix, user.len()) + ":" + user
+    /// Idempotency record of `add_to_cart` (user, req, sku) -> reservation id, with a TTL.
+    /// Lengths first, so any user id (it may hold `:`) parses back unambiguously:
+    /// `P:idem:reserve:{len(user)}:{len(req)}:{user}:{req}:{sku}`.
+    pub fn reserve_idem(&self, user: &str, req: &str, sku: &str) -> String {
+        format!(
+            "{}:idem:reserve:{}:{}:{user}:{req}:{sku}",
+            self.prefix,
+            user.len(),
+            req.len()
+        )
     }
 
     /// Idempotency record of `checkout` (user, req) -> order id and total, with a TTL.
@@ -104,7 +111,7 @@ mod tests {
             k.product("sku-1"),
             k.buyers("sku-1"),
             k.reservations(),
-            k.reserve_idem("u:1", "r1"),
+            k.reserve_idem("u:1", "r1", "s"),
             k.order_idem("u", "r"),
             k.rooms(),
             k.room("room"),
@@ -119,6 +126,14 @@ mod tests {
     fn idempotency_keys_cannot_collide_across_users() {
         // user "a:1" with req "x" must not meet user "a" with req "1:x".
         let k = Keys::new("p");
-        assert_ne!(k.reserve_idem("a:1", "x"), k.reserve_idem("a", "1:x"));
+        assert_ne!(
+            k.reserve_idem("a:1", "x", "s"),
+            k.reserve_idem("a", "1:x", "s")
+        );
+        assert_ne!(
+            k.reserve_idem("a", "x", "s1"),
+            k.reserve_idem("a", "x", "s2")
+        );
+        assert_ne!(k.order_idem("a:1", "x"), k.order_idem("a", "1:x"));
     }
 }

@@ -59,7 +59,7 @@ fn describe() {
     describe_counter!(CONNECTIONS_TOTAL, "WebSocket connections accepted");
     describe_counter!(
         CONNECTIONS_REJECTED,
-        "Connections refused, by reason (unauthorized, full, bad_subprotocol)"
+        "Connections refused after authentication, by reason (full, bad_subprotocol)"
     );
     describe_counter!(CONNECTIONS_CLOSED, "Connections closed, by close code");
     describe_counter!(AUTH_FAILURES, "Upgrades refused with 401, by reason");

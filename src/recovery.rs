@@ -94,12 +94,11 @@ pub async fn restore(app: &Arc<App>) -> Result<(), redis::RedisError> {
     for chunk in idem_keys.chunks(500) {
         let values: Vec<Option<String>> = redis::cmd("MGET").arg(chunk).query_async(&mut c).await?;
         for (key, value) in chunk.iter().zip(values) {
-            let (Some(value), Some((user, req))) = (value, parse_idem_key(k.prefix(), key)) else {
+            let (Some(value), Some((user, req, sku))) = (value, parse_idem_key(k.prefix(), key))
+            else {
                 continue;
             };
-            let Some((id, sku)) = value.split_once(' ') else {
-                continue;
-            };
+            let id = value.split(' ').next().unwrap_or_default();
             let Some(rid) = ResId::parse(id) else {
                 continue;
             };
@@ -174,16 +173,17 @@ fn parse_reservation(id: &str, json: &str) -> Option<Reservation> {
     })
 }
 
-/// `P:idem:reserve:{len(user)}:{req}:{user}` -> (user, req).
-fn parse_idem_key<'a>(prefix: &str, key: &'a str) -> Option<(&'a str, &'a str)> {
+/// `P:idem:reserve:{len(user)}:{len(req)}:{user}:{req}:{sku}` -> (user, req, sku).
+fn parse_idem_key<'a>(prefix: &str, key: &'a str) -> Option<(&'a str, &'a str, &'a str)> {
     let rest = key.strip_prefix(prefix)?.strip_prefix(":idem:reserve:")?;
-    let (len, rest) = rest.split_once(':')?;
-    let len: usize = len.parse().ok()?;
-    let split = rest.len().checked_sub(len + 1)?;
-    if rest.as_bytes().get(split) != Some(&b':') || !rest.is_char_boundary(split) {
-        return None;
-    }
-    Some((&rest[split + 1..], &rest[..split]))
+    let (ulen, rest) = rest.split_once(':')?;
+    let (rlen, rest) = rest.split_once(':')?;
+    let (ulen, rlen): (usize, usize) = (ulen.parse().ok()?, rlen.parse().ok()?);
+    let user = rest.get(..ulen)?;
+    let rest = rest.get(ulen..)?.strip_prefix(':')?;
+    let req = rest.get(..rlen)?;
+    let sku = rest.get(rlen..)?.strip_prefix(':')?;
+    (!sku.is_empty()).then_some((user, req, sku))
 }
 
 /// Settles a change whose durable write has an unknown outcome (Redis did not answer in
@@ -198,12 +198,13 @@ pub fn settle_unknown(
     limit: Duration,
     settle: impl FnOnce(bool) + Send + 'static,
 ) {
-    let mut redis = app.redis.clone();
+    // The probe runs on the commit connection, after the write it asks about.
+    let committer = app.committer.clone();
     tokio::spawn(async move {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             tokio::time::sleep(SETTLE_RETRY).await;
-            match probe.query_async::<i64>(&mut redis).await {
+            match committer.probe(probe.clone()).await {
                 Ok(n) => {
                     settle(n > 0);
                     metrics::counter!(m::UNKNOWN_SETTLED, "landed" => if n > 0 { "yes" } else { "no" })
@@ -375,11 +376,12 @@ mod tests {
     #[test]
     fn idempotency_keys_parse_back() {
         let keys = crate::keys::Keys::new("lg");
-        for (user, req) in [("u1", "r1"), ("a:b", "x:y"), ("ü", "q")] {
-            let key = keys.reserve_idem(user, req);
-            assert_eq!(parse_idem_key("lg", &key), Some((user, req)), "{key}");
+        for (user, req, sku) in [("u1", "r1", "s"), ("a:b", "x:y", "s:1"), ("ü", "q", "z")] {
+            let key = keys.reserve_idem(user, req, sku);
+            assert_eq!(parse_idem_key("lg", &key), Some((user, req, sku)), "{key}");
         }
-        assert_eq!(parse_idem_key("lg", "lg:idem:reserve:99:r:u"), None);
+        assert_eq!(parse_idem_key("lg", "lg:idem:reserve:99:1:r:u:s"), None);
+        assert_eq!(parse_idem_key("lg", "lg:idem:reserve:1:1:u:r:"), None);
         assert_eq!(parse_idem_key("lg", "other"), None);
     }
 

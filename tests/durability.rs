@@ -379,7 +379,10 @@ async fn the_lua_baseline_mode_never_oversells_either() {
     let prefix = unique_prefix();
     let gw = Gateway::start_with(
         &redis.url(),
-        &[("LIVEGATE_KEY_PREFIX", &prefix), ("LIVEGATE_RESERVE_MODE", "lua")],
+        &[
+            ("LIVEGATE_KEY_PREFIX", &prefix),
+            ("LIVEGATE_RESERVE_MODE", "lua"),
+        ],
     )
     .await;
     let _a = room_with_product(&gw, "lua", "s", 50).await;
@@ -389,10 +392,18 @@ async fn the_lua_baseline_mode_never_oversells_either() {
     )
     .await;
     let replies = rush(clients, "lua", "s").await;
-    let ok = replies.iter().filter(|(_, r)| r["type"] == "reserved").count();
+    let ok = replies
+        .iter()
+        .filter(|(_, r)| r["type"] == "reserved")
+        .count();
     assert_eq!(ok, 50);
     assert!(replies
         .iter()
         .all(|(_, r)| r["type"] == "reserved" || r["code"] == "sold_out"));
-    assert_eq!(stream_entries(&redis.url(), &prefix, "reserved").await.len(), 50);
+    assert_eq!(
+        stream_entries(&redis.url(), &prefix, "reserved")
+            .await
+            .len(),
+        50
+    );
 }

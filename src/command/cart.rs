@@ -41,7 +41,7 @@ fn reservation_state(app: &App, r: &Reservation) -> Vec<redis::Cmd> {
         .arg(&id)
         .arg(reservation_record(r));
     let mut idem = redis::cmd("SET");
-    idem.arg(app.keys.reserve_idem(&r.user, &r.req))
+    idem.arg(app.keys.reserve_idem(&r.user, &r.req, &r.sku))
         .arg(format!("{id} {}", r.sku))
         .arg("PX")
         .arg(app.cfg.limits.idempotency_ttl.as_millis() as u64);
@@ -99,14 +99,9 @@ pub async fn add_to_cart(
         })
         .map_err(inv_error)?;
     match outcome {
-        ReserveOutcome::Existing(res) => {
-            // A retry: make sure the record is in Redis before answering again.
-            app.committer
-                .commit(reservation_state(app, &res))
-                .await
-                .map_err(unavailable)?;
-            Ok(Some(reserved_reply(req, &res)))
-        }
+        // A retry: the core answers Existing only for a Held reservation, and a
+        // reservation is Held only once Redis holds it.
+        ReserveOutcome::Existing(res) => Ok(Some(reserved_reply(req, &res))),
         ReserveOutcome::New(res) => {
             let mut cmds = reservation_state(app, &res);
             let mut xadd = redis::cmd("XADD");

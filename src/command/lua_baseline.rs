@@ -69,7 +69,7 @@ pub async fn reserve(
         .key(app.keys.product(sku))
         .key(app.keys.reservations())
         .key(app.keys.events())
-        .key(app.keys.reserve_idem(&s.user, &req))
+        .key(app.keys.reserve_idem(&s.user, &req, sku))
         .arg(&id)
         .arg(&*s.user)
         .arg(&req)

@@ -45,14 +45,16 @@ fn joined(s: &Session, room: &str) -> Result<(), ProtoError> {
 }
 
 pub fn leave(app: &Arc<App>, s: &mut Session, req: String, room: String) -> Reply {
-    if s.rooms.remove(room.as_str()).is_none() {
+    if !s.rooms.contains_key(room.as_str()) {
         return Err(ProtoError::new(
             ErrorCode::NotFound,
             format!("not in room {room:?}"),
         ));
     }
     let r = find_room(app, &room)?;
+    // Forget the room only once the room took the leave (its queue may be full).
     r.leave(s.outbox.conn, Some((s.outbox.clone(), req)))?;
+    s.rooms.remove(room.as_str());
     Ok(None)
 }
 
