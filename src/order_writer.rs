@@ -418,27 +418,47 @@ impl OrderWriter {
     ) -> redis::RedisResult<Option<BatchReport>> {
         let started = Instant::now();
         let mut orders = Vec::new();
+        let mut order_entries = Vec::new();
         let mut dead = Vec::new();
         for e in entries {
             match decode::decode(e) {
-                Decoded::Order(o) => orders.push(o),
+                Decoded::Order(o) => {
+                    orders.push(o);
+                    order_entries.push(e);
+                }
                 Decoded::Skip => {}
                 Decoded::Dead(reason) => dead.push((e, reason)),
             }
         }
-        let outcomes = loop {
-            match self.store.store_batch(&orders).await {
-                Ok(o) => break o,
-                Err(e) => {
-                    warn!(error = %e, orders = orders.len(), "order store failed; batch not acknowledged, retrying");
-                    metrics::counter!("livegate_order_writer_errors_total", "source" => "store")
-                        .increment(1);
-                    if sleep_or_shutdown(self.backoff.next(), shutdown).await {
-                        return Ok(None);
+        // One outcome per order; `Err(reason)` = the store refused that order's data.
+        let outcomes: Vec<Result<StoredOutcome, String>> = loop {
+            let err = match self.store.store_batch(&orders).await {
+                Ok(o) => break o.into_iter().map(Ok).collect(),
+                Err(e) if e.is_data_error() => {
+                    // An order the store refuses would hold the batch forever: store the
+                    // orders one by one and dead-letter the ones refused.
+                    warn!(error = %e, "order store refused the batch; storing its orders one by one");
+                    match self.store_one_by_one(&orders).await {
+                        Ok(o) => break o,
+                        Err(e) => e,
                     }
                 }
+                Err(e) => e,
+            };
+            warn!(error = %err, orders = orders.len(), "order store failed; batch not acknowledged, retrying");
+            metrics::counter!("livegate_order_writer_errors_total", "source" => "store")
+                .increment(1);
+            if sleep_or_shutdown(self.backoff.next(), shutdown).await {
+                return Ok(None);
             }
         };
+        let mut refused = Vec::new();
+        for (e, outcome) in order_entries.iter().zip(&outcomes) {
+            if let Err(reason) = outcome {
+                refused.push((*e, format!("the order store refused the order: {reason}")));
+            }
+        }
+        dead.extend(refused);
         let mut report = BatchReport {
             entries: entries.len(),
             dead_letters: dead.len(),
@@ -475,8 +495,9 @@ impl OrderWriter {
         let mut confirmed: HashSet<&str> = HashSet::with_capacity(orders.len());
         for (o, outcome) in orders.iter().zip(&outcomes) {
             match outcome {
-                StoredOutcome::Inserted => report.stored += 1,
-                StoredOutcome::AlreadyStored => report.duplicates += 1,
+                Ok(StoredOutcome::Inserted) => report.stored += 1,
+                Ok(StoredOutcome::AlreadyStored) => report.duplicates += 1,
+                Err(_) => continue,
             }
             // Newly stored or stored before (a redelivery): the buyer may not have heard.
             if confirmed.insert(o.order_id.as_str()) {
@@ -506,6 +527,30 @@ impl OrderWriter {
             .record(started.elapsed().as_secs_f64());
         debug!(?report, "order writer: batch handled");
         Ok(Some(report))
+    }
+
+    /// Stores each order in its own transaction; `Err(reason)` for an order whose data the
+    /// store refuses. Fails on any other error (nothing is acknowledged then; what was stored
+    /// stays stored, which the idempotent insert makes harmless).
+    async fn store_one_by_one(
+        &self,
+        orders: &[crate::store::Order],
+    ) -> Result<Vec<Result<StoredOutcome, String>>, StoreError> {
+        let mut out = Vec::with_capacity(orders.len());
+        for o in orders {
+            match self.store.store_batch(std::slice::from_ref(o)).await {
+                Ok(v) => match v.first() {
+                    Some(outcome) => out.push(Ok(*outcome)),
+                    None => out.push(Err("no outcome reported".to_string())),
+                },
+                Err(e) if e.is_data_error() => {
+                    warn!(order = %o.order_id, error = %e, "order store refused an order");
+                    out.push(Err(e.to_string()));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
     }
 
     /// Trims the events stream when due (see [`TRIM_SCRIPT`]); a failure is only logged.

@@ -105,6 +105,38 @@ impl StoreError {
     }
 }
 
+impl StoreError {
+    /// Whether the database refused the *data* (a constraint, a value out of range, an
+    /// invalid string): retrying the same rows will fail again, but other rows may pass.
+    /// A missing table or a lost connection is not a data error.
+    pub fn is_data_error(&self) -> bool {
+        let StoreError::Sql(sqlx::Error::Database(db)) = self else {
+            return false;
+        };
+        let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+        if is_postgres_error(db.as_ref()) {
+            // Class 22 data exception, class 23 integrity constraint violation.
+            code.starts_with("22") || code.starts_with("23")
+        } else {
+            // SQLite: 18 TOOBIG, 19 CONSTRAINT (also raised by triggers), 20 MISMATCH,
+            // 25 RANGE, and their extended codes.
+            matches!(sqlite_primary_code(&code), Some(18 | 19 | 20 | 25))
+        }
+    }
+}
+
+/// PostgreSQL codes are SQLSTATEs (five characters, often all digits); SQLite codes are
+/// numbers. Tell them apart by the error's type, not by the code's shape.
+fn is_postgres_error(db: &dyn sqlx::error::DatabaseError) -> bool {
+    db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+        .is_some()
+}
+
+/// The primary result code of an SQLite (extended) result code.
+fn sqlite_primary_code(code: &str) -> Option<i64> {
+    code.parse::<i64>().ok().map(|n| n & 0xff)
+}
+
 fn sql_transient(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Io(_)
@@ -115,11 +147,12 @@ fn sql_transient(e: &sqlx::Error) -> bool {
         | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Database(db) => {
             let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
-            // SQLite: 5 BUSY, 6 LOCKED (and their extended codes, e.g. 261, 517).
-            // PostgreSQL: 08 connection, 40 rollback/deadlock, 53 resources, 57 shutdown.
-            match code.parse::<i64>() {
-                Ok(n) => matches!(n & 0xff, 5 | 6),
-                Err(_) => ["08", "40", "53", "57"].iter().any(|p| code.starts_with(p)),
+            if is_postgres_error(db.as_ref()) {
+                // 08 connection, 40 rollback/deadlock, 53 resources, 57 operator intervention.
+                ["08", "40", "53", "57"].iter().any(|p| code.starts_with(p))
+            } else {
+                // SQLite: 5 BUSY, 6 LOCKED (and their extended codes, e.g. 261, 517).
+                matches!(sqlite_primary_code(&code), Some(5 | 6))
             }
         }
         _ => false,

@@ -614,6 +614,67 @@ async fn poison_entries_go_to_dead_letters_and_the_writer_goes_on(db: Db) {
     w.finish().await;
 }
 
+async fn an_order_the_store_refuses_is_dead_lettered(db: Db) {
+    let w = World::new(db).await;
+    let mut conn = w.conn().await;
+    // A rule of the database that the writer does not know about: no order over 10,000.00.
+    if w.store_url.starts_with("sqlite:") {
+        exec(
+            &w.store_url,
+            "CREATE TRIGGER refuse_big BEFORE INSERT ON orders \
+             WHEN NEW.total_cents > 1000000 BEGIN SELECT RAISE(ABORT, 'too big'); END",
+        )
+        .await;
+    } else {
+        exec(
+            &w.store_url,
+            "ALTER TABLE orders ADD CONSTRAINT refuse_big CHECK (total_cents <= 1000000)",
+        )
+        .await;
+    }
+    xadd_order(&mut conn, &w.keys, 1, "").await;
+    let big_items = r#"[{"reservation":"rb","sku":"gold","qty":1,"price_cents":2000000}]"#;
+    let big = xadd(
+        &mut conn,
+        &w.keys,
+        &[
+            ("kind", "order"),
+            ("order", "o-big"),
+            ("user", "u"),
+            ("req", "q"),
+            ("room", "room-1"),
+            ("ref", ""),
+            ("total_cents", "2000000"),
+            ("created_at", "1"),
+            ("items", big_items),
+        ],
+    )
+    .await;
+    xadd_order(&mut conn, &w.keys, 2, "").await;
+    let run = spawn(w.writer("w", Duration::from_secs(30)).await);
+    wait_stored(&w, &mut conn, 2).await;
+    xadd_order(&mut conn, &w.keys, 3, "").await;
+    wait_stored(&w, &mut conn, 3).await;
+    run.stop().await;
+    let dead: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(w.keys.dead_letters())
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .expect("xrange dead");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let fields: std::collections::HashMap<_, _> = dead[0].1.iter().cloned().collect();
+    assert_eq!(fields.get("source_id"), Some(&big));
+    assert_eq!(fields.get("order").map(String::as_str), Some("o-big"));
+    assert!(
+        fields.get("error").is_some_and(|e| e.contains("refused")),
+        "{fields:?}"
+    );
+    assert!(w.store.get_order("o-big").await.expect("get").is_none());
+    w.finish().await;
+}
+
 async fn trimming_never_drops_an_unacknowledged_entry(db: Db) {
     let w = World::new(db).await;
     let mut conn = w.conn().await;
@@ -818,6 +879,7 @@ on_both_stores!(
     a_batch_stored_twice_is_one_row_each,
     two_writers_competing_store_every_order_once,
     poison_entries_go_to_dead_letters_and_the_writer_goes_on,
+    an_order_the_store_refuses_is_dead_lettered,
     trimming_never_drops_an_unacknowledged_entry,
     the_writer_survives_redis_going_down,
     the_writer_waits_for_a_failing_store,
