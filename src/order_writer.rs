@@ -38,12 +38,17 @@ const DEAD_LETTERS_MAX: usize = 100_000;
 const TRIM_EVERY_BATCHES: u32 = 64;
 /// ...or after this long, whichever comes first.
 const TRIM_INTERVAL: Duration = Duration::from_secs(5);
+/// A consumer of the group with nothing pending, idle this long, is removed from the group.
+const FORGET_CONSUMER_IDLE: Duration = Duration::from_secs(3600);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Atomically: the oldest entry the group has not acknowledged (its first pending entry, or
 /// its last-delivered id when none is pending), then `XTRIM MINID` to it. In one script so
 /// that no entry can be delivered between the look-up and the trim.
+/// Also forgets consumers of the group that hold nothing and were idle longer than ARGV[2]
+/// ms (every restart with the default `host-pid` name adds one; a live writer reads at
+/// least every `block`, and one that comes back is re-created by its next read).
 /// Returns `{pending, lag (-1 if unknown), trimmed}`.
 const TRIM_SCRIPT: &str = r#"
 local p = redis.call('XPENDING', KEYS[1], ARGV[1])
@@ -66,6 +71,17 @@ local minid = last
 if pending > 0 then minid = p[2] end
 if not minid then return {pending, lag, 0} end
 local trimmed = redis.call('XTRIM', KEYS[1], 'MINID', minid)
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local name, cp, idle = nil, nil, nil
+  for i = 1, #c, 2 do
+    if c[i] == 'name' then name = c[i + 1]
+    elseif c[i] == 'pending' then cp = c[i + 1]
+    elseif c[i] == 'idle' then idle = c[i + 1] end
+  end
+  if name and cp == 0 and idle and idle > tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], name)
+  end
+end
 return {pending, lag, trimmed}
 "#;
 
@@ -195,6 +211,7 @@ pub struct OrderWriter {
     claim_cursor: String,
     last_claim: Option<Instant>,
     trim_interval: Duration,
+    forget_consumer_idle: Duration,
     batches_since_trim: u32,
     last_trim: Instant,
     trim_script: redis::Script,
@@ -210,6 +227,7 @@ impl OrderWriter {
         cfg: OrderWriterConfig,
     ) -> OrderWriter {
         let consumer = cfg.consumer.clone().unwrap_or_else(default_consumer);
+        let forget_consumer_idle = FORGET_CONSUMER_IDLE.max(cfg.claim_idle * 4);
         OrderWriter {
             client,
             keys,
@@ -221,6 +239,7 @@ impl OrderWriter {
             claim_cursor: "0-0".to_string(),
             last_claim: None,
             trim_interval: TRIM_INTERVAL,
+            forget_consumer_idle,
             batches_since_trim: 0,
             last_trim: Instant::now(),
             trim_script: redis::Script::new(TRIM_SCRIPT),
@@ -231,6 +250,13 @@ impl OrderWriter {
     /// Trims the events stream at least this often (default 5 s; also every 64 batches).
     pub fn with_trim_interval(mut self, every: Duration) -> OrderWriter {
         self.trim_interval = every;
+        self
+    }
+
+    /// Removes consumers of the group that hold nothing and were idle this long (default
+    /// one hour, at least 4 × `claim_idle`), at each trim.
+    pub fn with_forget_consumer_idle(mut self, idle: Duration) -> OrderWriter {
+        self.forget_consumer_idle = idle;
         self
     }
 
@@ -569,6 +595,7 @@ impl OrderWriter {
             .trim_script
             .key(self.keys.events())
             .arg(ORDER_WRITER_GROUP)
+            .arg(self.forget_consumer_idle.as_millis() as u64)
             .invoke_async(&mut conn)
             .await;
         match res {

@@ -675,6 +675,67 @@ async fn an_order_the_store_refuses_is_dead_lettered(db: Db) {
     w.finish().await;
 }
 
+async fn idle_empty_consumers_are_forgotten(db: Db) {
+    let w = World::new(db).await;
+    let mut conn = w.conn().await;
+    xadd_order(&mut conn, &w.keys, 1, "").await;
+    let run = spawn(w.writer("w", Duration::from_secs(30)).await);
+    wait_stored(&w, &mut conn, 1).await;
+    run.stop().await;
+    // A ghost (a writer of an earlier process, nothing pending) and a holder (one entry).
+    xadd_order(&mut conn, &w.keys, 2, "").await;
+    for name in ["holder", "ghost"] {
+        let _: redis::Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(ORDER_WRITER_GROUP)
+            .arg(name)
+            .arg("COUNT")
+            .arg(1)
+            .arg("STREAMS")
+            .arg(w.keys.events())
+            .arg(">")
+            .query_async(&mut conn)
+            .await
+            .expect("xreadgroup");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let writer = w
+        .writer("w2", Duration::from_secs(3600))
+        .await
+        .with_trim_interval(Duration::from_millis(50))
+        .with_forget_consumer_idle(Duration::from_millis(200));
+    let run = spawn(writer);
+    let c = conn.clone();
+    let keys = w.keys.clone();
+    let consumers = |mut c: MultiplexedConnection, keys: Keys| async move {
+        let v: redis::streams::StreamInfoConsumersReply = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(keys.events())
+            .arg(ORDER_WRITER_GROUP)
+            .query_async(&mut c)
+            .await
+            .expect("xinfo consumers");
+        let mut names: Vec<String> = v.consumers.into_iter().map(|c| c.name).collect();
+        names.sort();
+        names
+    };
+    wait_for("the ghosts forgotten", || {
+        let (c, keys) = (c.clone(), keys.clone());
+        async move {
+            let names = consumers(c, keys).await;
+            !names.contains(&"ghost".to_string()) && !names.contains(&"w".to_string())
+        }
+    })
+    .await;
+    run.stop().await;
+    // The holder keeps its entry (and so its place in the group).
+    assert!(consumers(conn.clone(), w.keys.clone())
+        .await
+        .contains(&"holder".to_string()));
+    assert_eq!(pending(&mut conn, &w.keys).await, 1);
+    w.finish().await;
+}
+
 async fn trimming_never_drops_an_unacknowledged_entry(db: Db) {
     let w = World::new(db).await;
     let mut conn = w.conn().await;
@@ -880,7 +941,54 @@ on_both_stores!(
     two_writers_competing_store_every_order_once,
     poison_entries_go_to_dead_letters_and_the_writer_goes_on,
     an_order_the_store_refuses_is_dead_lettered,
+    idle_empty_consumers_are_forgotten,
     trimming_never_drops_an_unacknowledged_entry,
     the_writer_survives_redis_going_down,
     the_writer_waits_for_a_failing_store,
 );
+
+/// The entry point the `livegate` binary calls: configuration in, orders stored, clean stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_consumes_with_the_process_configuration() {
+    let w = World::new(Db::Sqlite).await;
+    let mut conn = w.conn().await;
+    let (redis_url, store_url) = (w.redis.url(), w.store_url.clone());
+    let cfg = livegate::config::Config::from_source(|k| match k {
+        "LIVEGATE_REDIS_URL" => Some(redis_url.clone()),
+        "LIVEGATE_ORDER_STORE" => Some(store_url.clone()),
+        "LIVEGATE_KEY_PREFIX" => Some("lgt".to_string()),
+        "LIVEGATE_ORDER_WRITER_BLOCK_MS" => Some("100".to_string()),
+        _ => None,
+    })
+    .expect("config");
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        livegate::order_writer::run(&cfg, async {
+            let _ = rx.await;
+        })
+        .await
+    });
+    for n in 0..25 {
+        xadd_order(&mut conn, &w.keys, n, "").await;
+    }
+    wait_stored(&w, &mut conn, 25).await;
+    let _ = tx.send(());
+    let res = tokio::time::timeout(WAIT, task)
+        .await
+        .expect("run stops")
+        .expect("run task");
+    assert!(res.is_ok(), "{res:?}");
+
+    // A store URL it cannot use is a configuration error, reported at once.
+    let mut bad = livegate::config::Config::defaults();
+    bad.order_store = "sqlite:///nonexistent-dir/for/sure/orders.db".to_string();
+    bad.redis_url = w.redis.url();
+    let res = tokio::time::timeout(
+        WAIT,
+        livegate::order_writer::run(&bad, std::future::pending::<()>()),
+    )
+    .await
+    .expect("fails fast");
+    assert!(res.is_err());
+    w.finish().await;
+}
