@@ -736,6 +736,91 @@ async fn idle_empty_consumers_are_forgotten(db: Db) {
     w.finish().await;
 }
 
+/// `kill -9` of the `livegate order-writer` process at arbitrary moments while orders
+/// flow, restarted each time (alternately under the same consumer name, which re-reads its
+/// own pending entries, and under a new one, which leaves them to be claimed): every order
+/// is stored, none twice.
+async fn kill_9_of_the_writer_process_loses_and_duplicates_nothing(db: Db) {
+    const ORDERS: usize = 1500;
+    let w = World::new(db).await;
+    let mut conn = w.conn().await;
+    let log_dir = temp_dir("writer-log");
+    let spawn_writer = |consumer: &str| {
+        let log = std::fs::File::create(log_dir.join(format!("{consumer}.log"))).expect("log");
+        std::process::Command::new(env!("CARGO_BIN_EXE_livegate"))
+            .arg("order-writer")
+            .env("LIVEGATE_REDIS_URL", w.redis.url())
+            .env("LIVEGATE_ORDER_STORE", &w.store_url)
+            .env("LIVEGATE_KEY_PREFIX", w.keys.prefix())
+            .env("LIVEGATE_ORDER_WRITER_CONSUMER", consumer)
+            .env("LIVEGATE_ORDER_WRITER_BATCH", "40")
+            .env("LIVEGATE_ORDER_WRITER_BLOCK_MS", "50")
+            .env("LIVEGATE_ORDER_WRITER_CLAIM_IDLE_MS", "300")
+            .env("LIVEGATE_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn livegate order-writer")
+    };
+    let mut producer_conn = conn.clone();
+    let keys = w.keys.clone();
+    let producer = tokio::spawn(async move {
+        for n in 0..ORDERS {
+            xadd_order(&mut producer_conn, &keys, n, "").await;
+            // Spread over the kill rounds below (~2 s), so that kills land mid-batch.
+            if n % 10 == 0 {
+                tokio::time::sleep(Duration::from_millis(12)).await;
+            }
+        }
+    });
+    for round in 0..10 {
+        let name = if round % 2 == 0 {
+            "proc-writer".to_string()
+        } else {
+            format!("proc-writer-{round}")
+        };
+        let mut child = spawn_writer(&name);
+        let ms = 80 + rand::random_range(0..250u64);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        child.kill().expect("SIGKILL");
+        let _ = child.wait();
+    }
+    producer.await.expect("producer");
+    // The killed writers did work (so the kills hit them working, not starting).
+    let by_killed = w.store.count_orders().await.expect("count");
+    let pending_left = pending(&mut conn, &w.keys).await;
+    eprintln!("killed writers stored {by_killed} orders and left {pending_left} entries pending");
+    assert!(by_killed > 0);
+    let mut last = spawn_writer("proc-final");
+    let store = w.store.clone();
+    let waited = tokio::time::timeout(WAIT, async {
+        while store.count_orders().await.expect("count") < ORDERS as i64 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    if waited.is_err() {
+        let _ = last.kill();
+        panic!(
+            "orders stored: {:?} of {ORDERS}; logs in {}",
+            w.store.count_orders().await,
+            log_dir.display()
+        );
+    }
+    wait_stored(&w, &mut conn, ORDERS as i64).await;
+    let _ = last.kill();
+    let _ = last.wait();
+    assert_eq!(
+        w.store.count_items().await.expect("items"),
+        3 * ORDERS as i64
+    );
+    let totals = w.store.room_totals("room-1").await.expect("totals");
+    assert_eq!(totals.gmv_cents, 1400 * ORDERS as i64);
+    let _ = std::fs::remove_dir_all(&log_dir);
+    w.finish().await;
+}
+
 async fn trimming_never_drops_an_unacknowledged_entry(db: Db) {
     let w = World::new(db).await;
     let mut conn = w.conn().await;
@@ -942,6 +1027,7 @@ on_both_stores!(
     poison_entries_go_to_dead_letters_and_the_writer_goes_on,
     an_order_the_store_refuses_is_dead_lettered,
     idle_empty_consumers_are_forgotten,
+    kill_9_of_the_writer_process_loses_and_duplicates_nothing,
     trimming_never_drops_an_unacknowledged_entry,
     the_writer_survives_redis_going_down,
     the_writer_waits_for_a_failing_store,
