@@ -100,7 +100,7 @@ impl Dialer {
         );
         let (ws, resp) = tokio::time::timeout(
             Duration::from_secs(10),
-            tokio_tungstenite::client_async(req, stream),
+            tokio_tungstenite::client_async_with_config(req, stream, Some(crate::net::ws_config())),
         )
         .await
         .context("WebSocket handshake timed out")?

@@ -89,7 +89,11 @@ impl NatsWs {
         let stream = sources.connect(i, addr).await?;
         let (ws, _) = tokio::time::timeout(
             Duration::from_secs(10),
-            tokio_tungstenite::client_async(format!("ws://{addr}/"), stream),
+            tokio_tungstenite::client_async_with_config(
+                format!("ws://{addr}/"),
+                stream,
+                Some(crate::net::ws_config()),
+            ),
         )
         .await
         .context("NATS websocket handshake timed out")??;

@@ -159,6 +159,15 @@ fn dechunk(mut body: &str) -> String {
     out
 }
 
+/// WebSocket settings for every harness socket (livegate and NATS alike): a 4 KiB read
+/// buffer instead of tungstenite's eager 128 KiB (10,000 sockets would otherwise cost the
+/// harness 1.3 GB), and frames written straight away.
+pub fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+}
+
 /// Resident set size of a process in bytes, from /proc/<pid>/status (VmRSS).
 pub fn rss_bytes(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
