@@ -148,11 +148,13 @@ impl Core for Naive {
     }
 }
 
-/// 64 shards; `idem_cap` idempotency records per shard (4096 x 64 = 262,144 records live in
-/// the window, about 6 MiB: mostly cache misses, like a busy gateway).
-fn sharded(keys: &Keys, idem_cap: usize) -> Inventory {
+/// The real core with `shards` lock shards and `idem_cap` idempotency records per shard
+/// (4096 x 64 = 262,144 records in the window, several MiB: mostly cache misses, like a
+/// busy gateway). With one shard it is the same code behind a single global lock, which
+/// isolates what sharding buys from what the core's features cost.
+fn sharded(keys: &Keys, shards: usize, idem_cap: usize) -> Inventory {
     let inv = Inventory::new(InventoryConfig {
-        shards: 64,
+        shards,
         epoch: 1,
         idempotency_ttl_ms: 60_000,
         idempotency_cap_per_shard: idem_cap,
@@ -215,7 +217,7 @@ fn bench(c: &mut Criterion) {
         let mut g = c.benchmark_group(group);
         g.throughput(Throughput::Elements(1));
         for threads in [1usize, 2] {
-            let inv = sharded(&keys, 4096);
+            let inv = sharded(&keys, 64, 4096);
             let mut base = 0u64;
             g.bench_function(format!("sharded_{threads}t"), |b| {
                 b.iter_custom(|iters| run(&inv, &keys, threads, hot, iters, &mut base))
@@ -227,9 +229,16 @@ fn bench(c: &mut Criterion) {
             });
         }
         if !hot {
+            for threads in [1usize, 2] {
+                let inv = sharded(&keys, 1, 4096 * 64);
+                let mut base = 0u64;
+                g.bench_function(format!("one_shard_{threads}t"), |b| {
+                    b.iter_custom(|iters| run(&inv, &keys, threads, hot, iters, &mut base))
+                });
+            }
             // The same with a small idempotency window (256 x 64 records, cache resident):
             // shows how much of the cost is the window's cache misses.
-            let inv = sharded(&keys, 256);
+            let inv = sharded(&keys, 64, 256);
             let mut base = 0u64;
             g.bench_function("sharded_1t_small_idem_window", |b| {
                 b.iter_custom(|iters| run(&inv, &keys, 1, hot, iters, &mut base))
