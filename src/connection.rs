@@ -17,7 +17,7 @@ use axum::{
 };
 use futures::{stream::SplitSink, SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::{
     tungstenite::{
         self,
@@ -34,16 +34,14 @@ use crate::{
     command::{self, Session, TokenBucket},
     hub::{close, KillSwitch, Outbox},
     metrics::{self as m, unix_ms},
-    protocol::{decode_client, Decoded, Encoding, Frame, ProtoError, ServerMsg, PROTOCOL_VERSION},
+    outbound,
+    protocol::{decode_client, Decoded, Encoding, ProtoError, ServerMsg, PROTOCOL_VERSION},
 };
 
 type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
 /// How long a closing connection waits for the client's close frame.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Messages the writer drains per flush, at most.
-const MAX_WRITE_BATCH: usize = 256;
 
 fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
     let body = serde_json::json!({ "code": code, "message": message }).to_string();
@@ -191,7 +189,7 @@ async fn serve(
 ) {
     let limits = app.cfg.limits.clone();
     let conn = app.next_conn_id();
-    let (tx, rx) = mpsc::channel::<Frame>(limits.outbound_queue);
+    let (tx, rx) = outbound::queue(limits.outbound_queue);
     let kill = Arc::new(KillSwitch::default());
     let user: Arc<str> = Arc::from(claims.sub.as_str());
     let outbox = Outbox::new(conn, user.clone(), encoding, tx, kill.clone());
@@ -314,28 +312,26 @@ async fn serve(
 /// client that stopped reading cannot hold the writer (and its socket) forever.
 async fn write_loop(
     mut sink: SplitSink<Socket, Message>,
-    mut rx: mpsc::Receiver<Frame>,
+    mut rx: outbound::Receiver,
     kill: Arc<KillSwitch>,
     heartbeat: Duration,
 ) {
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+    let mut batch = std::collections::VecDeque::new();
     let code = loop {
         let step = async {
             tokio::select! {
-                f = rx.recv() => {
-                    let Some(f) = f else { return Ok(false) };
-                    sink.feed(f).await?;
-                    let mut n = 1;
-                    while n < MAX_WRITE_BATCH {
-                        match rx.try_recv() {
-                            Ok(f) => {
-                                sink.feed(f).await?;
-                                n += 1;
-                            }
-                            Err(_) => break,
-                        }
+                more = rx.recv_batch(&mut batch) => {
+                    if !more {
+                        return Ok(false);
+                    }
+                    let n = batch.len();
+                    // Feeding gathers frames in the write buffer; one flush writes them.
+                    while let Some(f) = batch.pop_front() {
+                        sink.feed(f).await?;
                     }
                     sink.flush().await?;
+                    outbound::trim(&mut batch);
                     metrics::counter!(m::MESSAGES_SENT).increment(n as u64);
                     metrics::histogram!(m::WRITE_BATCH).record(n as f64);
                     Ok(true)
@@ -368,8 +364,14 @@ async fn write_loop(
     // queue is full; then the close frame.
     let closing = async {
         if code != close::SLOW_CONSUMER {
-            while let Some(f) = rx.recv().await {
+            // Frames taken before the kill, then whatever is still queued.
+            for f in batch.drain(..) {
                 sink.feed(f).await?;
+            }
+            while rx.recv_batch(&mut batch).await {
+                for f in batch.drain(..) {
+                    sink.feed(f).await?;
+                }
             }
         }
         sink.send(Message::Close(Some(close_frame(code, close_reason(code)))))

@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use crate::{
     config::Limits,
     metrics::{self as m, unix_ms},
+    outbound,
     protocol::{
         Broadcast, CommentItem, Encoding, ErrorCode, Frame, ProductView, ProtoError, RoomState,
         RoomStatus, ServerMsg, StockItem,
@@ -98,7 +99,7 @@ pub struct Outbox {
     pub conn: u64,
     pub user: Arc<str>,
     pub encoding: Encoding,
-    tx: mpsc::Sender<Frame>,
+    tx: outbound::Sender,
     kill: Arc<KillSwitch>,
 }
 
@@ -107,7 +108,7 @@ impl Outbox {
         conn: u64,
         user: Arc<str>,
         encoding: Encoding,
-        tx: mpsc::Sender<Frame>,
+        tx: outbound::Sender,
         kill: Arc<KillSwitch>,
     ) -> Outbox {
         Outbox {
@@ -125,14 +126,14 @@ impl Outbox {
     pub fn push(&self, frame: Frame) -> bool {
         match self.tx.try_send(frame) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(outbound::TrySendError::Full) => {
                 if self.kill.code().is_none() {
                     metrics::counter!(m::OUTBOUND_DROPPED).increment(1);
                 }
                 self.kill.kill(close::SLOW_CONSUMER);
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(outbound::TrySendError::Closed) => false,
         }
     }
 

@@ -17,6 +17,7 @@ pub mod inventory;
 pub mod keys;
 pub mod metrics;
 pub mod order_writer;
+pub mod outbound;
 pub mod protocol;
 pub mod recovery;
 pub mod server;
