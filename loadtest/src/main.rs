@@ -100,6 +100,10 @@ async fn run(cli: Cli) -> Result<bool> {
                 ratio(core.reserved_per_sec, lua.reserved_per_sec),
             );
             report.row(
+                "ratio core/lua replies/s",
+                ratio(core.replies_per_sec, lua.replies_per_sec),
+            );
+            report.row(
                 "ratio core/lua p50",
                 ratio(core.p50_us as f64, lua.p50_us as f64),
             );

@@ -32,6 +32,10 @@ pub struct Args {
     /// LIVEGATE_RESERVE_MODE=lua, the Lua-per-request baseline).
     #[arg(long, value_enum, default_value = "gateway")]
     pub target: Target,
+    /// Viewers do not join the room before pressing (no room broadcasts to them), to isolate
+    /// the reservation path from fan-out.
+    #[arg(long)]
+    pub no_join: bool,
     /// With --spawn: run the rush twice (in-memory core, then Lua) and print the ratios.
     #[arg(long)]
     pub compare_lua: bool,
@@ -61,6 +65,7 @@ pub fn sizes(a: &Args, smoke: bool) -> (usize, u64) {
 /// Headline figures of one rush, for the Lua comparison.
 pub struct Outcome {
     pub reserved_per_sec: f64,
+    pub replies_per_sec: f64,
     pub p50_us: u64,
     pub p99_us: u64,
 }
@@ -85,7 +90,7 @@ pub async fn run(
     let price = 1999i64;
     report.data(
         &format!("{label} params"),
-        json!({"viewers": n, "stock": stock, "qty": a.qty, "target": format!("{:?}", a.target)}),
+        json!({"viewers": n, "stock": stock, "qty": a.qty, "target": format!("{:?}", a.target), "join": !a.no_join}),
     );
     let anchor_token = ctx.minter.anchor(
         &format!("anchor-{}", ctx.run_id),
@@ -127,10 +132,13 @@ pub async fn run(
             let dialer = ctx.dialer.clone();
             let token = ctx.minter.viewer(&format!("u-{run_id}-{label}-{i}"));
             let room = room.clone();
+            let join = !a.no_join;
             async move {
                 let c = dialer.connect(i, &token?, crate::client::ignore()).await?;
-                c.expect(json!({"type": "join", "room": room}), "room_state")
-                    .await?;
+                if join {
+                    c.expect(json!({"type": "join", "room": room}), "room_state")
+                        .await?;
+                }
                 Ok(c)
             }
         })
@@ -200,12 +208,14 @@ pub async fn run(
     let mut errors: BTreeMap<String, usize> = BTreeMap::new();
     let mut lost = Vec::new();
     let mut last_reserved = go_at;
+    let mut last_reply = go_at;
     let mut from_send = histogram();
     for (ans, at, reply_latency) in answers {
         if let Some(l) = reply_latency {
             record(&mut from_send, l);
         }
         record(&mut since_go, at.saturating_duration_since(go_at));
+        last_reply = last_reply.max(at);
         match ans {
             Answer::Reserved { id, qty, msg } => {
                 last_reserved = last_reserved.max(at);
@@ -236,6 +246,12 @@ pub async fn run(
     );
     report.row(&format!("{label} lost replies"), lost.len());
     report.row(&format!("{label} reserved/s"), per_sec);
+    let replies = (reserved + sold_out + n_err) as f64;
+    let reply_window = last_reply
+        .saturating_duration_since(go_at)
+        .as_secs_f64()
+        .max(1e-6);
+    report.row(&format!("{label} replies/s"), replies / reply_window);
     report.latency(&format!("{label} add_to_cart (from go)"), &since_go);
     report.latency(&format!("{label} add_to_cart (from its send)"), &from_send);
 
@@ -330,6 +346,7 @@ pub async fn run(
     let h = since_go;
     Ok(Outcome {
         reserved_per_sec: per_sec,
+        replies_per_sec: replies / reply_window,
         p50_us: h.value_at_quantile(0.5),
         p99_us: h.value_at_quantile(0.99),
     })
