@@ -157,7 +157,8 @@ pub async fn restore(app: &Arc<App>) -> Result<(), redis::RedisError> {
     Ok(())
 }
 
-fn parse_reservation(id: &str, json: &str) -> Option<Reservation> {
+/// A reservation from its `P:reservations` record (docs/redis.md).
+pub fn parse_reservation(id: &str, json: &str) -> Option<Reservation> {
     let v: serde_json::Value = serde_json::from_str(json).ok()?;
     let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(Arc::<str>::from);
     Some(Reservation {

@@ -400,10 +400,18 @@ async fn the_lua_baseline_mode_never_oversells_either() {
     assert!(replies
         .iter()
         .all(|(_, r)| r["type"] == "reserved" || r["code"] == "sold_out"));
-    assert_eq!(
-        stream_entries(&redis.url(), &prefix, "reserved")
-            .await
-            .len(),
-        50
-    );
+    let entries = stream_entries(&redis.url(), &prefix, "reserved").await;
+    assert_eq!(entries.len(), 50);
+    // A retry with the same req answers the same reservation here too.
+    let (mut c, first) = replies
+        .into_iter()
+        .find(|(_, r)| r["type"] == "reserved")
+        .expect("a reservation");
+    let req = first["req"].as_str().expect("req").to_string();
+    c.send(json!({"type":"add_to_cart","req":req,"room":"lua","sku":"s","qty":1}))
+        .await;
+    let again = c.reply_to(&req).await;
+    assert_eq!(again["reservation"], first["reservation"], "{again}");
+    let entries = stream_entries(&redis.url(), &prefix, "reserved").await;
+    assert_eq!(entries.len(), 50, "a retry records nothing new");
 }

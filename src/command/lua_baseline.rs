@@ -19,19 +19,22 @@ const SCRIPT: &str = r#"
 -- KEYS: product hash, reservations hash, events stream, idempotency key
 -- ARGV: id, user, req, room, sku, qty, price_cents, expires_at, now, record, ttl_ms
 local prior = redis.call('GET', KEYS[4])
-if prior then return {2, prior} end
+if prior then
+  local id = string.match(prior, '^(%S+)')
+  return {2, redis.call('HGET', KEYS[2], id) or '', id}
+end
 local p = redis.call('HMGET', KEYS[1], 'stocked', 'sold', 'held')
-if not p[1] then return {-1, 'unknown sku'} end
+if not p[1] then return {-1, 'unknown sku', ''} end
 local free = tonumber(p[1]) - tonumber(p[2] or '0') - tonumber(p[3] or '0')
 local qty = tonumber(ARGV[6])
-if free < qty then return {0, tostring(free)} end
+if free < qty then return {0, tostring(free), ''} end
 redis.call('HINCRBY', KEYS[1], 'held', qty)
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[10])
 redis.call('XADD', KEYS[3], '*', 'kind', 'reserved', 'reservation', ARGV[1], 'user', ARGV[2],
   'req', ARGV[3], 'room', ARGV[4], 'sku', ARGV[5], 'qty', ARGV[6], 'price_cents', ARGV[7],
   'expires_at', ARGV[8], 'at', ARGV[9])
 redis.call('SET', KEYS[4], ARGV[1] .. ' ' .. ARGV[5], 'PX', ARGV[11])
-return {1, ARGV[1]}
+return {1, ARGV[1], ARGV[1]}
 "#;
 
 fn script() -> &'static redis::Script {
@@ -65,7 +68,7 @@ pub async fn reserve(
         expires_at: now + u64::from(product.ttl_s) * 1000,
     };
     let id = res.id.to_string();
-    let (code, detail): (i64, String) = script()
+    let (code, detail, prior_id): (i64, String, String) = script()
         .key(app.keys.product(sku))
         .key(app.keys.reservations())
         .key(app.keys.events())
@@ -86,13 +89,14 @@ pub async fn reserve(
         .map_err(|e| ProtoError::new(ErrorCode::Unavailable, format!("redis: {e}")))?;
     match code {
         1 => Ok(Some(reserved_reply(req, &res))),
-        2 => {
-            let prior = detail.split(' ').next().unwrap_or_default().to_string();
-            Err(ProtoError::new(
+        // A retry: answer the same reservation while it is held.
+        2 => match crate::recovery::parse_reservation(&prior_id, &detail) {
+            Some(prior) => Ok(Some(reserved_reply(req, &prior))),
+            None => Err(ProtoError::new(
                 ErrorCode::Conflict,
-                format!("req already made reservation {prior}"),
-            ))
-        }
+                format!("req already made reservation {prior_id}, which has ended"),
+            )),
+        },
         0 => Err(ProtoError::new(
             ErrorCode::SoldOut,
             format!("sold out: {detail} available"),
