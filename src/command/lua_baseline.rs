@@ -4,7 +4,8 @@
 //! the same clients and payloads.
 //!
 //! It must not be used in production: reservations made this way are not in the inventory
-//! core, so `release`, `checkout` and expiry do not see them.
+//! core, so `release`, `checkout` and expiry do not see them; the core only mirrors the
+//! units taken, so the room's `stock` broadcasts are the same as with the core.
 
 use std::sync::{Arc, OnceLock};
 
@@ -88,7 +89,12 @@ pub async fn reserve(
         .await
         .map_err(|e| ProtoError::new(ErrorCode::Unavailable, format!("redis: {e}")))?;
     match code {
-        1 => Ok(Some(reserved_reply(req, &res))),
+        1 => {
+            // Viewers of the baseline see stock move as they do with the core: mirror the
+            // units taken into the displayed stock (the core is only a display here).
+            let _ = app.inventory.restock(sku, -i64::from(qty));
+            Ok(Some(reserved_reply(req, &res)))
+        }
         // A retry: answer the same reservation while it is held.
         2 => match crate::recovery::parse_reservation(&prior_id, &detail) {
             Some(prior) => Ok(Some(reserved_reply(req, &prior))),
