@@ -1,4 +1,4 @@
-//! `fanout`: N viewers spread over R rooms; one anchor connection per room opens it, puts K
+//! `fanout`: N viewers spread over R rooms; an anchor opens each room, puts K
 //! products on the shelf, then alternates `pin` (cycling through the SKUs) and `unpin` at
 //! `--rate` events per second per room. The harness stores the send instant of event k of
 //! each room; a viewer's k-th `pinned`/`unpinned` broadcast must be event k (type and SKU are
@@ -28,8 +28,8 @@ pub struct Args {
     /// Rooms [default: 4; smoke: 2].
     #[arg(long)]
     pub rooms: Option<usize>,
-    /// Pin/unpin events per second per room (one anchor connection per room, so keep it
-    /// under the per-connection command rate limit, 20/s by default).
+    /// Pin/unpin events per second per room (the anchor uses ceil(rate/15) connections per
+    /// room round-robin, to stay under the per-connection command limit of 20/s).
     #[arg(long, default_value_t = 5.0)]
     pub rate: f64,
     /// Products per room the pins cycle through.
@@ -174,6 +174,7 @@ struct Phase {
     expected: u64,
     missing: u64,
     mismatches: u64,
+    anchor_errors: u64,
     seq_gaps: u64,
     disconnects: u64,
     elapsed: Duration,
@@ -195,6 +196,7 @@ impl Phase {
         r.row(&format!("{l} missing"), self.missing);
         r.row(&format!("{l} out of order/mismatched"), self.mismatches);
         if l == "livegate" {
+            r.row(&format!("{l} anchor commands rejected"), self.anchor_errors);
             r.row(&format!("{l} seq gaps"), self.seq_gaps);
         }
         r.row(&format!("{l} disconnects"), self.disconnects);
@@ -212,6 +214,12 @@ impl Phase {
             r.fail(format!(
                 "{l}: {} events out of order or wrong",
                 self.mismatches
+            ));
+        }
+        if self.anchor_errors > 0 {
+            r.fail(format!(
+                "{l}: {} anchor pin/unpin commands rejected (later events then misalign)",
+                self.anchor_errors
             ));
         }
         if self.seq_gaps > 0 {
@@ -299,13 +307,21 @@ async fn livegate_phase(
     let anchor_token = ctx
         .minter
         .anchor(&format!("anchor-{}", ctx.run_id), &room_ids)?;
-    // One anchor connection per room: the per-connection command rate limit applies.
-    let mut anchors = Vec::new();
+    // The per-connection command limit (20/s sustained) applies to anchors too: each room gets
+    // ceil(rate / 15) anchor connections used round-robin. The next event is sent only after
+    // the previous one's `ack`, so the order is kept across connections.
+    let per_room = (a.rate / 15.0).ceil().max(1.0) as usize;
+    let mut anchors: Vec<Vec<Arc<crate::client::Client>>> = Vec::new();
     for (r, plan) in plans.iter().enumerate() {
-        let c = ctx
-            .dialer
-            .connect(r, &anchor_token, crate::client::ignore())
-            .await?;
+        let mut conns = Vec::new();
+        for j in 0..per_room {
+            conns.push(
+                ctx.dialer
+                    .connect(r + j, &anchor_token, crate::client::ignore())
+                    .await?,
+            );
+        }
+        let c = conns[0].clone();
         c.expect(
             json!({"type": "open_room", "room": plan.id, "title": format!("fanout {r}")}),
             "ack",
@@ -319,7 +335,7 @@ async fn livegate_phase(
             )
             .await?;
         }
-        anchors.push(c);
+        anchors.push(conns);
     }
     let tally = Tally::new();
     let states: Vec<Arc<Viewer>> = (0..viewers)
@@ -422,7 +438,7 @@ async fn livegate_phase(
                 };
                 let _ = plan.sends[k].set(Instant::now());
                 plan.sent.store(k + 1, Ordering::Release);
-                match anchor.request(msg).await {
+                match anchor[k % anchor.len()].request(msg).await {
                     Ok(r) if r.kind() == "ack" => {}
                     Ok(r) => {
                         errs.fetch_add(1, Ordering::Relaxed);
@@ -461,7 +477,7 @@ async fn livegate_phase(
     }
     let disconnects = tally.disconnects.load(Ordering::Relaxed);
     tally.closing.store(true, Ordering::Relaxed);
-    for c in clients.iter().chain(anchors.iter()) {
+    for c in clients.iter().chain(anchors.iter().flatten()) {
         c.close().await;
     }
     let mut phase = Phase {
@@ -470,7 +486,8 @@ async fn livegate_phase(
         delivered,
         expected,
         missing,
-        mismatches: tally.mismatches.load(Ordering::Relaxed) + anchor_errors,
+        mismatches: tally.mismatches.load(Ordering::Relaxed),
+        anchor_errors,
         seq_gaps: tally.seq_gaps.load(Ordering::Relaxed),
         disconnects,
         elapsed,
@@ -595,6 +612,7 @@ async fn nats_phase(
         expected,
         missing,
         mismatches: tally.mismatches.load(Ordering::Relaxed),
+        anchor_errors: 0,
         seq_gaps: 0,
         disconnects: 0,
         elapsed,
