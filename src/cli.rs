@@ -228,6 +228,22 @@ async fn serve(cfg: Config, with_order_writer: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // One shutdown signal, watched by the server, the start-up loop and the order writer.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    // Serve at once: /healthz answers while we wait for Redis, the rest says 503.
+    let gate = crate::server::Gate::new();
+    let server = tokio::spawn(crate::server::run(
+        listener,
+        gate.clone(),
+        stopped(stop_rx.clone()),
+    ));
     let app = loop {
         match App::start(cfg.clone()).await {
             Ok(app) => break app,
@@ -236,45 +252,51 @@ async fn serve(cfg: Config, with_order_writer: bool) -> ExitCode {
                 tracing::error!(error = %e, "cannot start; retrying in 2 s (is Redis at LIVEGATE_REDIS_URL up?)");
                 tokio::select! {
                     _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {},
-                    _ = shutdown_signal() => return ExitCode::SUCCESS,
+                    _ = stopped(stop_rx.clone()) => {
+                        let _ = server.await;
+                        return ExitCode::SUCCESS;
+                    }
                 }
             }
         }
     };
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    gate.open(app.clone());
     let writer = with_order_writer.then(|| {
         let cfg = cfg.clone();
-        let mut stop = stop_rx.clone();
+        let stop = stop_rx.clone();
         tokio::spawn(async move {
             // The gateway keeps serving if its order writer fails (orders stay in the
             // stream); the writer is started again until shutdown.
             loop {
-                let mut stop2 = stop.clone();
-                let r = crate::order_writer::run(&cfg, async move {
-                    let _ = stop2.wait_for(|s| *s).await;
-                })
-                .await;
+                let r = crate::order_writer::run(&cfg, stopped(stop.clone())).await;
                 match r {
                     Ok(()) => return,
                     Err(e) => tracing::error!(error = %e, "order writer failed; restarting in 5 s"),
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {},
-                    _ = stop.wait_for(|s| *s) => return,
+                    _ = stopped(stop.clone()) => return,
                 }
             }
         })
     });
     tracing::info!(listen = %cfg.listen, order_writer = with_order_writer, epoch = app.epoch, "livegate serving");
-    let result = crate::server::run(listener, app, shutdown_signal()).await;
-    let _ = stop_tx.send(true);
+    stopped(stop_rx.clone()).await;
+    // The server drains within the grace period; the order writer finishes its batch
+    // meanwhile. Both share one budget.
+    let deadline = tokio::time::Instant::now() + cfg.limits.shutdown_grace;
+    let result = server.await;
     if let Some(w) = writer {
-        let _ = tokio::time::timeout(cfg.limits.shutdown_grace, w).await;
+        let _ = tokio::time::timeout_at(deadline, w).await;
     }
     match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
             tracing::error!(error = %e, "server failed");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "server task failed");
             ExitCode::FAILURE
         }
     }

@@ -11,7 +11,7 @@ use std::{sync::Arc, time::Duration};
 
 use axum::{
     body::Body,
-    extract::{Request, State},
+    extract::Request,
     http::{header, HeaderMap, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
 };
@@ -36,6 +36,7 @@ use crate::{
     metrics::{self as m, unix_ms},
     outbound,
     protocol::{decode_client, Decoded, Encoding, ProtoError, ServerMsg, PROTOCOL_VERSION},
+    server::Ready,
 };
 
 type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
@@ -57,7 +58,7 @@ fn header_has(headers: &HeaderMap, name: header::HeaderName, token: &str) -> boo
 }
 
 /// `GET /ws`: checks the handshake and the token, answers 101, and starts the connection.
-pub async fn upgrade(State(app): State<Arc<App>>, mut req: Request) -> Response {
+pub async fn upgrade(Ready(app): Ready, mut req: Request) -> Response {
     let headers = req.headers();
     if !header_has(headers, header::UPGRADE, "websocket")
         || !header_has(headers, header::CONNECTION, "upgrade")

@@ -3,17 +3,17 @@
 //!
 //! Handlers only read: they must not change rooms, stock or orders.
 
-use std::sync::{atomic::Ordering, Arc};
+use std::sync::atomic::Ordering;
 
 use axum::{
-    extract::{Path, State},
+    extract::Path,
     http::{header, HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     Json,
 };
 use redis::AsyncCommands;
 
-use crate::{app::App, auth::token_from_request, config::valid_id};
+use crate::{auth::token_from_request, config::valid_id, server::Ready};
 
 fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     (
@@ -29,7 +29,7 @@ pub async fn healthz() -> &'static str {
 }
 
 /// `GET /readyz`: 200 when Redis answers, else 503.
-pub async fn readyz(State(app): State<Arc<App>>) -> Response {
+pub async fn readyz(Ready(app): Ready) -> Response {
     if app.redis_ready().await {
         metrics::gauge!(crate::metrics::REDIS_UP).set(1.0);
         (StatusCode::OK, "ready\n").into_response()
@@ -56,7 +56,7 @@ pub async fn metrics_text() -> Response {
 }
 
 /// `GET /api/v1/rooms/{room}`: the `room_state` fields.
-pub async fn room(State(app): State<Arc<App>>, Path(room): Path<String>) -> Response {
+pub async fn room(Ready(app): Ready, Path(room): Path<String>) -> Response {
     if !valid_id(&room) {
         return error(StatusCode::BAD_REQUEST, "bad_request", "invalid room id");
     }
@@ -75,7 +75,7 @@ pub async fn room(State(app): State<Arc<App>>, Path(room): Path<String>) -> Resp
 
 /// `GET /api/v1/rooms/{room}/stats` (anchor of the room, or admin): the room's results.
 pub async fn room_stats(
-    State(app): State<Arc<App>>,
+    Ready(app): Ready,
     Path(room): Path<String>,
     headers: HeaderMap,
 ) -> Response {

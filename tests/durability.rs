@@ -415,3 +415,78 @@ async fn the_lua_baseline_mode_never_oversells_either() {
     let entries = stream_entries(&redis.url(), &prefix, "reserved").await;
     assert_eq!(entries.len(), 50, "a retry records nothing new");
 }
+
+#[tokio::test]
+async fn a_gateway_started_before_redis_is_alive_then_ready_once_redis_is_up() {
+    let mut redis = RedisServer::start();
+    redis.kill();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_livegate"))
+        .arg("serve")
+        .arg("--no-order-writer")
+        .env("LIVEGATE_LISTEN", addr.to_string())
+        .env("LIVEGATE_REDIS_URL", redis.url())
+        .env("LIVEGATE_JWT_SECRET", common::gateway::SECRET)
+        .env("LIVEGATE_KEY_PREFIX", unique_prefix())
+        .env("LIVEGATE_LOG", "off")
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut healthy = false;
+    for _ in 0..100 {
+        if let Ok((200, _)) = try_get(addr, "/healthz").await {
+            healthy = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(healthy, "healthz answers while redis is missing");
+    assert_eq!(common::gateway::http_get_addr(addr, "/readyz").await.0, 503);
+    assert_eq!(
+        common::gateway::http_get_addr(addr, "/api/v1/rooms/x")
+            .await
+            .0,
+        503
+    );
+    redis.restart();
+    let mut ready = false;
+    for _ in 0..100 {
+        if common::gateway::http_get_addr(addr, "/readyz").await.0 == 200 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready, "ready once redis is up");
+    // SIGTERM: a clean exit.
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "exit status {status:?}");
+}
+
+async fn try_get(addr: std::net::SocketAddr, path: &str) -> Result<(u16, String), ()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.map_err(|_| ())?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .map_err(|_| ())?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf))
+        .await
+        .map_err(|_| ())?
+        .map_err(|_| ())?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or(())?;
+    Ok((status, text))
+}

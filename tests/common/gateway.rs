@@ -71,9 +71,13 @@ impl Gateway {
         let addr = listener.local_addr().expect("addr");
         let app = App::start(cfg).await.expect("gateway starts");
         let (stop, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(livegate::server::run(listener, app.clone(), async move {
-            let _ = rx.await;
-        }));
+        let task = tokio::spawn(livegate::server::run(
+            listener,
+            livegate::server::Gate::ready(app.clone()),
+            async move {
+                let _ = rx.await;
+            },
+        ));
         Gateway {
             addr,
             app,
