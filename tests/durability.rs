@@ -82,7 +82,25 @@ async fn a_rush_of_1000_for_100_units_reserves_exactly_100() {
         1000,
     )
     .await;
+    let mut watcher = gw.viewer("watcher").await;
+    watcher.request(json!({"type":"join","room":"hot"})).await;
+    let started = std::time::Instant::now();
     let replies = rush(clients, "hot", "sku-hot").await;
+    // Stock is state, coalesced per room tick: the watcher hears the level go from 100 to
+    // 0 in at most one message per 100 ms tick, not one per reservation.
+    let mut stock_msgs = 0;
+    loop {
+        let m = watcher.recv_type("stock").await;
+        stock_msgs += 1;
+        if m["items"][0]["available"] == 0 {
+            break;
+        }
+    }
+    let ticks = started.elapsed().as_millis() / 100 + 2;
+    assert!(
+        stock_msgs as u128 <= ticks,
+        "{stock_msgs} stock messages for 100 reservations in {ticks} ticks"
+    );
     let mut reserved = Vec::new();
     for (_, r) in &replies {
         match r["type"].as_str() {
