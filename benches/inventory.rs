@@ -10,7 +10,7 @@ use std::hint::black_box;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, Criterion, Throughput};
 use livegate::inventory::{
     Inventory, InventoryConfig, ProductSpec, ReserveOutcome, ReserveRequest,
 };
@@ -248,5 +248,37 @@ fn bench(c: &mut Criterion) {
     }
 }
 
+/// `INV_CYCLES=<n> [INV_HOT=1] [INV_THREADS=t]`: runs `n` cycles of the 64-shard core
+/// without criterion and exits, for instruction counts under
+/// `valgrind --tool=callgrind` (run it with `n` and `2n`: the difference over `n` is the
+/// cost of one cycle, setup excluded).
+fn fixed_run() -> bool {
+    let Some(n) = std::env::var("INV_CYCLES")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return false;
+    };
+    let hot = std::env::var("INV_HOT").is_ok_and(|v| v == "1");
+    let threads = std::env::var("INV_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1usize)
+        .clamp(1, 2);
+    let keys = Keys::new(2);
+    let inv = sharded(&keys, 64, 4096);
+    let mut base = 0u64;
+    let d = run(&inv, &keys, threads, hot, n, &mut base);
+    eprintln!("{n} cycles in {d:?}");
+    true
+}
+
 criterion_group!(benches, bench);
-criterion_main!(benches);
+
+fn main() {
+    if fixed_run() {
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

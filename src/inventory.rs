@@ -10,9 +10,9 @@
 //! most, never across an `.await`); only checkout and batch finishes lock several shards,
 //! always in ascending index order. See docs/inventory.md for the contract and invariants.
 
-mod fxhash;
 mod shard;
 mod types;
+mod wheel;
 
 #[cfg(test)]
 mod tests;
@@ -21,6 +21,8 @@ use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use rustc_hash::FxBuildHasher;
 
 use shard::{Entry, IdemKey, IdemRec, Product, Shard, State, UserUnits};
 
@@ -69,6 +71,19 @@ fn pack<'a>(buf: &'a mut [u8; 195], parts: [&str; 3]) -> Option<&'a [u8]> {
     buf.get(..at)
 }
 
+/// `x % n`, as a mask when `n` is a power of two (the default shard count): no 64-bit
+/// division on the hot path. The result is < `n`, so the casts are lossless.
+#[inline]
+fn reduce(x: u64, n: usize) -> usize {
+    let n = n as u64;
+    let r = if n.is_power_of_two() {
+        x & (n - 1)
+    } else {
+        x % n
+    };
+    r as usize
+}
+
 /// A locked shard and its index.
 type Locked<'a> = (usize, MutexGuard<'a, Shard>);
 
@@ -108,9 +123,9 @@ impl Inventory {
     }
 
     fn shard_of(&self, sku: &str) -> usize {
-        let h = fxhash::hash_str(sku);
-        // Multiply-shift range reduction; the result is < len, so the cast is lossless.
-        ((u128::from(h) * self.shards.len() as u128) >> 64) as usize
+        // rustc-hash's finish rotates the well-mixed high bits of its product down, so the
+        // low bits are good for a modulo (a mask for the default power-of-two count).
+        reduce(FxBuildHasher.hash_one(sku), self.shards.len())
     }
 
     fn sku_shard(&self, sku: &str) -> MutexGuard<'_, Shard> {
@@ -127,7 +142,7 @@ impl Inventory {
         };
         IdemKey {
             key,
-            check: fxhash::hash_strs(&[user, req, sku]),
+            check: FxBuildHasher.hash_one((user, req, sku)),
         }
     }
 
@@ -137,7 +152,7 @@ impl Inventory {
     fn locate(&self, id: ResId) -> Option<usize> {
         if id.epoch() == self.epoch && id.counter() >= self.fresh_floor.load(Ordering::Acquire) {
             // A fresh id's counter is k * shards + index.
-            return Some((id.counter() % self.shards.len() as u64) as usize);
+            return Some(reduce(id.counter(), self.shards.len()));
         }
         if !self.restored_any.load(Ordering::Acquire) {
             return None;
@@ -424,7 +439,7 @@ impl Inventory {
             if res.id.epoch() == self.epoch {
                 floor = floor.max(res.id.counter().saturating_add(1));
             }
-            g.expiry.insert((res.expires_at, res.id.0));
+            let wheel = Some(g.wheel.insert(res.expires_at, res.id.0));
             let idem = self.idem_key(&res.user, &res.req, &res.sku);
             g.reservations.insert(
                 res.id.0,
@@ -432,6 +447,7 @@ impl Inventory {
                     res,
                     state: State::Held,
                     idem,
+                    wheel,
                 },
             );
             sum.reservations += 1;

@@ -5,15 +5,17 @@
 //! no allocation beyond the map entries it inserts, no call back into the `Inventory`, and no
 //! panics (counts use saturating arithmetic; the invariants are checked by the tests).
 
-use std::collections::{hash_map, BTreeSet, HashMap, VecDeque};
+use std::collections::{hash_map, HashMap, VecDeque};
 use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 
-use super::fxhash::FxHashMap;
+use rustc_hash::FxHashMap;
+
 use super::types::{
     InvError, ProductCounts, ProductSpec, ResId, Reservation, ReserveOutcome, ReserveRequest,
     COUNTER_MASK,
 };
+use super::wheel::{Pos, Wheel};
 
 /// Where a live reservation is in its two-phase life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,6 +54,8 @@ pub(crate) struct Entry {
     pub state: State,
     /// The key of its idempotency record.
     pub idem: IdemKey,
+    /// Its place in the expiry wheel: `Some` exactly while Held.
+    pub wheel: Option<Pos>,
 }
 
 /// Units of one SKU that one user holds (any live state) and has bought.
@@ -208,9 +212,8 @@ pub(crate) struct Shard {
     pub next_k: u64,
     pub products: FxHashMap<Arc<str>, Product>,
     pub reservations: FxHashMap<u64, Entry>,
-    /// (expires_at, id) of Held reservations, and possibly stale entries of ones that left
-    /// Held (dropped lazily when they come due). A Held reservation always has its entry.
-    pub expiry: BTreeSet<(u64, u64)>,
+    /// (expires_at, id) of exactly the Held reservations, in a timing wheel.
+    pub wheel: Wheel,
     /// Idempotency records keyed by the keyed hash of (user, req, sku).
     pub idem: HashMap<u64, IdemRec, BuildHasherDefault<PreHashed>>,
     /// (created at, key, id) in insertion order: oldest-first pruning and eviction.
@@ -225,7 +228,7 @@ impl Shard {
             next_k: 0,
             products: FxHashMap::default(),
             reservations: FxHashMap::default(),
-            expiry: BTreeSet::new(),
+            wheel: Wheel::new(),
             idem: HashMap::default(),
             idem_fifo: VecDeque::new(),
         }
@@ -318,6 +321,7 @@ impl Shard {
                 res,
                 state: State::Pending,
                 idem: idem_key,
+                wheel: None,
             },
         );
         let rec = IdemRec {
@@ -387,13 +391,12 @@ impl Shard {
     }
 
     pub(crate) fn confirm(&mut self, id: ResId) -> Result<(), InvError> {
-        let e = self.entry(id)?;
+        let e = self.reservations.get_mut(&id.0).ok_or(InvError::NotFound)?;
         if e.state != State::Pending {
             return Err(wrong_state(id, e.state, "pending"));
         }
         e.state = State::Held;
-        let key = (e.res.expires_at, id.0);
-        self.expiry.insert(key);
+        e.wheel = Some(self.wheel.insert(e.res.expires_at, id.0));
         Ok(())
     }
 
@@ -431,7 +434,20 @@ impl Shard {
             return Err(wrong_state(id, e.state, "held"));
         }
         e.state = to;
-        Ok(e.res.clone())
+        let out = e.res.clone();
+        if let Some(p) = e.wheel.take() {
+            self.unwheel(p);
+        }
+        Ok(out)
+    }
+
+    /// Removes the wheel entry at `p`, updating the entry that moved into its place.
+    fn unwheel(&mut self, p: Pos) {
+        if let Some(moved) = self.wheel.remove(p) {
+            if let Some(m) = self.reservations.get_mut(&moved) {
+                m.wheel = Some(p);
+            }
+        }
     }
 
     /// Checks that `id` is in state `from` (for the validation pass of a batch).
@@ -452,20 +468,19 @@ impl Shard {
         committed: bool,
         sold: bool,
     ) -> Result<(), InvError> {
-        let e = self.entry(id)?;
+        let e = self.reservations.get_mut(&id.0).ok_or(InvError::NotFound)?;
         if e.state != from {
             return Err(wrong_state(id, e.state, from.name()));
         }
         if !committed {
             e.state = State::Held;
-            let key = (e.res.expires_at, id.0);
-            self.expiry.insert(key);
+            e.wheel = Some(self.wheel.insert(e.res.expires_at, id.0));
             return Ok(());
         }
         let Some(e) = self.reservations.remove(&id.0) else {
             return Err(InvError::NotFound);
         };
-        self.expiry.remove(&(e.res.expires_at, id.0));
+        // Not Held, so not in the wheel.
         let qty = u64::from(e.res.qty);
         if let Some(p) = self.products.get_mut(&*e.res.sku) {
             if sold {
@@ -506,22 +521,37 @@ impl Shard {
     }
 
     /// Moves due Held reservations to Expiring, appending them to `out` until it has `max`.
+    /// Looks only at the wheel buckets from the last sweep up to `now`.
     pub(crate) fn take_due(&mut self, now: u64, max: usize, out: &mut Vec<Reservation>) {
-        while out.len() < max {
-            let Some(&(at, raw)) = self.expiry.first() else {
-                break;
-            };
-            if at > now {
-                break;
-            }
-            self.expiry.pop_first();
-            if let Some(e) = self.reservations.get_mut(&raw) {
-                if e.state == State::Held && e.res.expires_at == at {
+        let Some(plan) = self.wheel.plan(now) else {
+            return;
+        };
+        for k in 0..plan.count {
+            let slot = Wheel::plan_slot(&plan, k);
+            let mut idx = 0u32;
+            while (idx as usize) < self.wheel.bucket_len(slot) {
+                let p = Pos { slot, idx };
+                let Some((at, raw)) = self.wheel.get(p) else {
+                    break;
+                };
+                if at > now {
+                    idx += 1;
+                    continue;
+                }
+                if out.len() >= max {
+                    return;
+                }
+                // Another entry moves into `p`: look at the same index again.
+                self.unwheel(p);
+                if let Some(e) = self.reservations.get_mut(&raw) {
+                    e.wheel = None;
                     e.state = State::Expiring;
                     out.push(e.res.clone());
                 }
             }
+            self.wheel.swept(&plan, k);
         }
+        self.wheel.swept_all(&plan);
     }
 }
 
