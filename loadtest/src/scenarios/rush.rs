@@ -14,7 +14,7 @@ use crate::verify;
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -127,14 +127,23 @@ pub async fn run(
     };
 
     let run_id = ctx.run_id.clone();
+    // Broadcasts the viewers receive, by type (the rush also fans out `stock` updates).
+    let seen: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
     let results = ctx
         .ramp(n, "viewers", |i| {
             let dialer = ctx.dialer.clone();
             let token = ctx.minter.viewer(&format!("u-{run_id}-{label}-{i}"));
             let room = room.clone();
+            let seen = seen.clone();
             let join = !a.no_join;
             async move {
-                let c = dialer.connect(i, &token?, crate::client::ignore()).await?;
+                let handler: crate::client::Handler = Arc::new(move |e| {
+                    if let crate::client::Event::Msg(m, _) = e {
+                        let kind = m["type"].as_str().unwrap_or("?").to_string();
+                        *seen.lock().unwrap().entry(kind).or_default() += 1;
+                    }
+                });
+                let c = dialer.connect(i, &token?, handler).await?;
                 if join {
                     c.expect(json!({"type": "join", "room": room}), "room_state")
                         .await?;
@@ -252,6 +261,11 @@ pub async fn run(
         .as_secs_f64()
         .max(1e-6);
     report.row(&format!("{label} replies/s"), replies / reply_window);
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    report.row(
+        &format!("{label} broadcasts received"),
+        serde_json::to_value(&seen)?,
+    );
     report.latency(&format!("{label} add_to_cart (from go)"), &since_go);
     report.latency(&format!("{label} add_to_cart (from its send)"), &from_send);
 

@@ -167,8 +167,13 @@ pub async fn run(ctx: &Ctx, common: &Common, a: &Args, report: &mut Report) -> R
                 }
                 let leave_at = Instant::now() + stay;
                 let mut k = 0u64;
-                while Instant::now() < leave_at.min(end) && !c.is_closed() {
-                    tokio::time::sleep(action).await;
+                let stop_at = leave_at.min(end);
+                while Instant::now() < stop_at && !c.is_closed() {
+                    let left = stop_at.saturating_duration_since(Instant::now());
+                    tokio::time::sleep(action.min(left)).await;
+                    if Instant::now() >= stop_at {
+                        break;
+                    }
                     k += 1;
                     let msg = if k % 2 == 0 {
                         json!({"type": "like", "room": room, "count": 1 + k % 5})
