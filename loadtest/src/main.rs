@@ -81,7 +81,7 @@ async fn run(cli: Cli) -> Result<bool> {
             a.target = rush::Target::Gateway;
             let (ctx, sp) = Ctx::setup(&common, n, &[]).await?;
             let core = rush::run(&ctx, &common, &a, "core", &mut report).await;
-            stop(sp, &mut report).await;
+            stop(sp, &mut report, core.is_ok()).await;
             let core = core?;
             let (ctx, sp) = Ctx::setup(&common, n, &rush::Target::Lua.env()).await?;
             if !spawn::binary_mentions(
@@ -92,7 +92,7 @@ async fn run(cli: Cli) -> Result<bool> {
             }
             a.target = rush::Target::Lua;
             let lua = rush::run(&ctx, &common, &a, "lua", &mut report).await;
-            stop(sp, &mut report).await;
+            stop(sp, &mut report, lua.is_ok()).await;
             let lua = lua?;
             let ratio = |x: f64, y: f64| if y > 0.0 { x / y } else { f64::NAN };
             report.row(
@@ -138,7 +138,7 @@ async fn run(cli: Cli) -> Result<bool> {
         Scenario::Idle(a) => idle::run(&ctx, &common, a, &mut report).await,
         Scenario::Probe(a) => probe::run(&ctx, &common, a, &mut report).await,
     };
-    stop(sp, &mut report).await;
+    stop(sp, &mut report, result.is_ok()).await;
     result?;
     report.row("load average at end", loadavg());
     report.finish(json_path.as_deref(), plot_path.as_deref())
@@ -152,14 +152,22 @@ fn loadavg() -> String {
         .unwrap_or_default()
 }
 
-async fn stop(sp: Option<ctx::Spawned>, report: &mut Report) {
+/// Stops what --spawn started. The temp dir (logs, Redis dir, SQLite store) is removed after
+/// a clean run and kept, with a note, when anything went wrong.
+async fn stop(sp: Option<ctx::Spawned>, report: &mut Report, ran_ok: bool) {
     if let Some(sp) = sp {
         let dir = sp.dir.clone();
-        if !sp.stop().await {
+        let clean = sp.stop().await;
+        if !clean {
             report.note(format!(
                 "the spawned gateway did not exit 0 within 10 s of SIGTERM (logs: {})",
                 dir.display()
             ));
+        }
+        if clean && ran_ok && report.failures.is_empty() {
+            let _ = std::fs::remove_dir_all(&dir);
+        } else {
+            report.note(format!("gateway and Redis logs kept in {}", dir.display()));
         }
     }
 }
@@ -167,7 +175,13 @@ async fn stop(sp: Option<ctx::Spawned>, report: &mut Report) {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
-    match run(cli).await {
+    // Ctrl-C drops the run: every spawned child (redis-server, gateway, nats-server) is
+    // killed on drop, so nothing is left behind.
+    let outcome = tokio::select! {
+        r = run(cli) => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    match outcome {
         Ok(true) => {}
         Ok(false) => std::process::exit(1),
         Err(e) => {
