@@ -20,19 +20,26 @@ const USERS_PER_THREAD: usize = 1024;
 const REQS: usize = 1 << 16;
 const STOCK: u64 = 1 << 40;
 
-/// Pre-built keys, shared by every variant.
+/// Pre-built keys, shared by every variant. Each thread has its own `Arc`s for SKUs and
+/// reqs (same strings): the gateway makes a fresh `Arc` of both per request, so their
+/// reference counts are never shared between cores there. The room `Arc` is one for all
+/// threads, as in the gateway (every connection of a room clones the room's id).
 struct Keys {
-    skus: Vec<Arc<str>>,
+    /// `skus[t]`: thread t's copies of the SKU names.
+    skus: Vec<Vec<Arc<str>>>,
     /// `users[t]` is thread t's own users, so threads never share an idempotency key.
     users: Vec<Vec<Arc<str>>>,
-    reqs: Vec<Arc<str>>,
+    /// `reqs[t]`: thread t's copies of the req names.
+    reqs: Vec<Vec<Arc<str>>>,
     room: Arc<str>,
 }
 
 impl Keys {
     fn new(threads: usize) -> Keys {
         Keys {
-            skus: (0..SKUS).map(|i| Arc::from(format!("sku-{i}"))).collect(),
+            skus: (0..threads)
+                .map(|_| (0..SKUS).map(|i| Arc::from(format!("sku-{i}"))).collect())
+                .collect(),
             users: (0..threads)
                 .map(|t| {
                     (0..USERS_PER_THREAD)
@@ -40,7 +47,9 @@ impl Keys {
                         .collect()
                 })
                 .collect(),
-            reqs: (0..REQS).map(|i| Arc::from(format!("req-{i}"))).collect(),
+            reqs: (0..threads)
+                .map(|_| (0..REQS).map(|i| Arc::from(format!("req-{i}"))).collect())
+                .collect(),
             room: Arc::from("room-1"),
         }
     }
@@ -164,7 +173,7 @@ fn sharded(keys: &Keys, shards: usize, idem_cap: usize) -> Inventory {
         limit_per_user: 0,
         ttl_s: 60,
     };
-    for s in &keys.skus {
+    for s in &keys.skus[0] {
         let _ = inv.upsert(s, spec, Some(STOCK));
     }
     inv
@@ -187,17 +196,17 @@ fn run<C: Core>(
     let t0 = Instant::now();
     std::thread::scope(|s| {
         for t in 0..threads {
-            let users = &keys.users[t];
+            let (users, skus, reqs) = (&keys.users[t], &keys.skus[t], &keys.reqs[t]);
             s.spawn(move || {
                 let mut failed = 0u64;
                 for i in start..start + per {
                     let i = i as usize;
                     let (sku, req) = if hot {
-                        (&keys.skus[0], &keys.reqs[i % REQS])
+                        (&skus[0], &reqs[i % REQS])
                     } else {
                         // Threads walk the SKUs half a lap apart, like unrelated buyers.
                         let j = i + t * SKUS / 2;
-                        (&keys.skus[j % SKUS], &keys.reqs[(i / SKUS) % REQS])
+                        (&skus[j % SKUS], &reqs[(i / SKUS) % REQS])
                     };
                     let user = &users[i % USERS_PER_THREAD];
                     if !core.cycle(user, req, sku, &keys.room) {
@@ -222,7 +231,7 @@ fn bench(c: &mut Criterion) {
             g.bench_function(format!("sharded_{threads}t"), |b| {
                 b.iter_custom(|iters| run(&inv, &keys, threads, hot, iters, &mut base))
             });
-            let naive = Naive::with_skus(&keys.skus);
+            let naive = Naive::with_skus(&keys.skus[0]);
             let mut base = 0u64;
             g.bench_function(format!("naive_global_mutex_{threads}t"), |b| {
                 b.iter_custom(|iters| run(&naive, &keys, threads, hot, iters, &mut base))

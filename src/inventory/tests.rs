@@ -671,3 +671,47 @@ fn limit_set_later_counts_what_is_already_held_and_bought() {
     );
     assert_eq!(counts(&inv, "a"), (100, 93, 6, 1));
 }
+
+/// The expiry wheel: reservations more than a turn (102.4 s) away, several in one bucket
+/// with a small `max`, removal from the middle of a bucket, a clock that goes back, and a
+/// reservation that becomes Held again after its time was swept past.
+#[test]
+fn expiry_wheel_edges() {
+    let inv = inv();
+    let long = ProductSpec {
+        ttl_s: 1000,
+        ..SPEC
+    };
+    inv.upsert("a", SPEC, Some(100)).expect("create");
+    inv.upsert("far", long, Some(100)).expect("create");
+    let far = held(&inv, "u", "f", "far", 1, 0); // 1_000_000: shares a bucket
+    let near: Vec<Reservation> = (0..5)
+        .map(|i| held(&inv, "u", &format!("n{i}"), "a", 1, 0)) // all 60_000
+        .collect();
+    // Take one out of the middle of the bucket; the others keep their places.
+    inv.begin_release("u", near[2].id).expect("begin");
+    inv.finish_release(near[2].id, true).expect("release");
+    assert!(inv.take_due(59_999, 10).is_empty());
+    let mut got: Vec<ResId> = Vec::new();
+    for _ in 0..4 {
+        let due = inv.take_due(60_000, 1);
+        assert_eq!(due.len(), 1);
+        got.push(due[0].id);
+    }
+    got.sort();
+    let want: Vec<ResId> = [0, 1, 3, 4].iter().map(|&i| near[i].id).collect();
+    assert_eq!(got, want);
+    // The far one is passed over a whole turn later, and found when due.
+    assert!(inv.take_due(60_000 + 102_400, 10).is_empty());
+    assert!(inv.take_due(999_999, 10).is_empty());
+    // Back to Held after its time was swept past, with the clock behind the sweeps.
+    inv.finish_expire(&[near[0].id], false).expect("undo");
+    assert_eq!(inv.take_due(70_000, 10), vec![near[0].clone()]);
+    inv.finish_expire(&[near[0].id], false).expect("undo");
+    let mut last: Vec<ResId> = inv.take_due(2_000_000, 10).iter().map(|r| r.id).collect();
+    last.sort();
+    let mut want = vec![near[0].id, far.id];
+    want.sort();
+    assert_eq!(last, want);
+    assert!(inv.take_due(2_000_000, 10).is_empty());
+}
