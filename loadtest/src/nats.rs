@@ -23,6 +23,7 @@ use tokio_tungstenite::WebSocketStream;
 /// A private nats-server with websocket enabled.
 pub struct NatsServer {
     child: Child,
+    dir: std::path::PathBuf,
     pub ws_addr: SocketAddr,
 }
 
@@ -58,11 +59,16 @@ impl NatsServer {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok(Self { child, ws_addr })
+        Ok(Self {
+            child,
+            dir,
+            ws_addr,
+        })
     }
 
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
