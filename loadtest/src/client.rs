@@ -226,6 +226,9 @@ impl Client {
                 r
             }
         };
+        if self.is_closed() {
+            bail!("connection already closed");
+        }
         let (tx, rx) = oneshot::channel();
         self.pending.lock().unwrap().insert(req.clone(), tx);
         let sent = match self.send(&msg).await {

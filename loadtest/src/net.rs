@@ -189,5 +189,21 @@ mod tests {
         assert!(Target::parse("ws://10.0.0.1:8080/ws").is_err());
         assert!(Target::parse("ws://example.com/ws").is_err());
         assert!(Target::parse("wss://127.0.0.1/ws").is_err());
+        assert!(Target::parse("ws://127.0.0.1.evil.com/ws").is_err());
+    }
+
+    #[test]
+    fn chunked_bodies() {
+        assert_eq!(
+            dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
+            "hello world"
+        );
+    }
+
+    #[test]
+    fn source_addresses() {
+        assert_eq!(Sources::for_connections(100, None).n, 1);
+        assert_eq!(Sources::for_connections(45_000, None).n, 3);
+        assert_eq!(Sources::for_connections(10, Some(4)).n, 4);
     }
 }

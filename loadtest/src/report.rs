@@ -201,3 +201,19 @@ fn plot(path: &Path, title: &str, hists: &[(String, Histogram<u64>)]) -> Result<
     root.present().map_err(|e| anyhow::anyhow!("{e:?}"))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn curve_is_monotonic_and_ends_at_max() {
+        let mut h = histogram();
+        for us in 1..=10_000u64 {
+            h.record(us).unwrap();
+        }
+        let c = percentile_curve(&h);
+        assert!(c.windows(2).all(|w| w[0].1 <= w[1].1));
+        assert!((c.last().unwrap().1 - 10.0).abs() < 0.1);
+    }
+}
