@@ -13,6 +13,14 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics as m;
 
+/// `XADD P:events * kind <kind>`: the start of an events-stream entry (docs/redis.md);
+/// callers append the fields of their kind.
+pub fn event(keys: &crate::keys::Keys, kind: &str) -> redis::Cmd {
+    let mut c = redis::cmd("XADD");
+    c.arg(keys.events()).arg("*").arg("kind").arg(kind);
+    c
+}
+
 /// Why a change was not (known to be) recorded.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum CommitError {

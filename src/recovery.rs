@@ -243,12 +243,8 @@ pub async fn expiry_sweeper(app: Arc<App>) {
             hdel.arg(app.keys.reservations());
             for r in &due {
                 let id = r.id.to_string();
-                let mut xadd = redis::cmd("XADD");
-                xadd.arg(app.keys.events())
-                    .arg("*")
-                    .arg("kind")
-                    .arg("expired")
-                    .arg("reservation")
+                let mut xadd = crate::commit::event(&app.keys, "expired");
+                xadd.arg("reservation")
                     .arg(&id)
                     .arg("user")
                     .arg(&*r.user)

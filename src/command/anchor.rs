@@ -172,12 +172,8 @@ pub async fn upsert_product(
         sadd.arg(k.products()).arg(&p.sku);
         cmds.push(sadd);
     }
-    let mut xadd = redis::cmd("XADD");
-    xadd.arg(k.events())
-        .arg("*")
-        .arg("kind")
-        .arg("product")
-        .arg("sku")
+    let mut xadd = crate::commit::event(k, "product");
+    xadd.arg("sku")
         .arg(&p.sku)
         .arg("room")
         .arg(&room)
@@ -254,12 +250,8 @@ pub async fn restock(
     };
     let mut incr = redis::cmd("HINCRBY");
     incr.arg(app.keys.product(&sku)).arg("stocked").arg(delta);
-    let mut xadd = redis::cmd("XADD");
-    xadd.arg(app.keys.events())
-        .arg("*")
-        .arg("kind")
-        .arg("restock")
-        .arg("sku")
+    let mut xadd = crate::commit::event(&app.keys, "restock");
+    xadd.arg("sku")
         .arg(&sku)
         .arg("delta")
         .arg(delta)

@@ -104,12 +104,8 @@ pub async fn add_to_cart(
         ReserveOutcome::Existing(res) => Ok(Some(reserved_reply(req, &res))),
         ReserveOutcome::New(res) => {
             let mut cmds = reservation_state(app, &res);
-            let mut xadd = redis::cmd("XADD");
-            xadd.arg(app.keys.events())
-                .arg("*")
-                .arg("kind")
-                .arg("reserved")
-                .arg("reservation")
+            let mut xadd = crate::commit::event(&app.keys, "reserved");
+            xadd.arg("reservation")
                 .arg(res.id.to_string())
                 .arg("user")
                 .arg(&*res.user)
@@ -175,12 +171,8 @@ pub async fn release(app: &Arc<App>, s: &mut Session, req: String, reservation: 
         .inventory
         .begin_release(&s.user, id)
         .map_err(inv_error)?;
-    let mut xadd = redis::cmd("XADD");
-    xadd.arg(app.keys.events())
-        .arg("*")
-        .arg("kind")
-        .arg("released")
-        .arg("reservation")
+    let mut xadd = crate::commit::event(&app.keys, "released");
+    xadd.arg("reservation")
         .arg(&reservation)
         .arg("user")
         .arg(&*res.user)
@@ -261,12 +253,8 @@ pub async fn checkout(
     let first = &held[0];
     let k = &app.keys;
     let mut cmds = Vec::with_capacity(3 + 2 * held.len());
-    let mut xadd = redis::cmd("XADD");
-    xadd.arg(k.events())
-        .arg("*")
-        .arg("kind")
-        .arg("order")
-        .arg("order")
+    let mut xadd = crate::commit::event(k, "order");
+    xadd.arg("order")
         .arg(&order)
         .arg("user")
         .arg(&*s.user)
