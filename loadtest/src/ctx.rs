@@ -95,7 +95,7 @@ pub struct Spawned {
 }
 
 impl Spawned {
-    pub async fn stop(self) -> bool {
+    pub async fn stop(self) -> spawn::Stopped {
         let clean = self.gateway.stop().await;
         self.redis.stop().await;
         clean

@@ -157,13 +157,21 @@ fn loadavg() -> String {
 async fn stop(sp: Option<ctx::Spawned>, report: &mut Report, ran_ok: bool) {
     if let Some(sp) = sp {
         let dir = sp.dir.clone();
-        let clean = sp.stop().await;
-        if !clean {
-            report.note(format!(
-                "the spawned gateway did not exit 0 within 10 s of SIGTERM (logs: {})",
-                dir.display()
-            ));
-        }
+        let clean = match sp.stop().await {
+            spawn::Stopped::Clean => true,
+            spawn::Stopped::Unclean(how) => {
+                report.note(format!(
+                    "the spawned gateway did not exit 0 within 10 s of SIGTERM: {how}"
+                ));
+                false
+            }
+            spawn::Stopped::AlreadyExited(how) => {
+                report.note(format!(
+                    "the spawned gateway had exited before the end of the run: {how}"
+                ));
+                false
+            }
+        };
         if clean && ran_ok && report.failures.is_empty() {
             let _ = std::fs::remove_dir_all(&dir);
         } else {

@@ -212,16 +212,30 @@ impl Gateway {
     }
 
     /// SIGTERM, then SIGKILL after 10 s; returns whether it exited on its own.
-    pub async fn stop(mut self) -> bool {
+    pub async fn stop(mut self) -> Stopped {
+        if let Ok(Some(st)) = self.child.try_wait() {
+            return Stopped::AlreadyExited(st.to_string());
+        }
         terminate(&mut self.child);
         match tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await {
-            Ok(Ok(st)) => st.success(),
+            Ok(Ok(st)) if st.success() => Stopped::Clean,
+            Ok(Ok(st)) => Stopped::Unclean(st.to_string()),
             _ => {
                 let _ = self.child.kill().await;
-                false
+                Stopped::Unclean("still running 10 s after SIGTERM; killed".into())
             }
         }
     }
+}
+
+/// How the spawned gateway ended.
+pub enum Stopped {
+    /// Exited 0 after SIGTERM.
+    Clean,
+    /// Exited non-zero after SIGTERM, or had to be killed.
+    Unclean(String),
+    /// Was already gone before the harness asked it to stop (crash, or --kill-after-ms).
+    AlreadyExited(String),
 }
 
 /// Whether a binary contains `needle` (a cheap way to tell if a gateway build knows an

@@ -36,6 +36,12 @@ pub struct Args {
     /// the reservation path from fan-out.
     #[arg(long)]
     pub no_join: bool,
+    /// Durability check: SIGKILL the gateway this many milliseconds after the go signal
+    /// (needs its pid: --spawn or --server-pid). Requests cut off by the kill are not
+    /// failures; every `reserved` the viewers did receive must be in Redis, and Redis must
+    /// show no oversell.
+    #[arg(long)]
+    pub kill_after_ms: Option<u64>,
     /// With --spawn: run the rush twice (in-memory core, then Lua) and print the ratios.
     #[arg(long)]
     pub compare_lua: bool,
@@ -199,8 +205,24 @@ pub async fn run(
         }));
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
+    let kill_pid = match a.kill_after_ms {
+        Some(_) => Some(
+            ctx.server_pid
+                .context("--kill-after-ms needs --spawn or --server-pid")?,
+        ),
+        None => None,
+    };
     let go_at = Instant::now();
     let _ = go_tx.send(true);
+    if let (Some(ms), Some(pid)) = (a.kill_after_ms, kill_pid) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+            rustix::process::kill_process(pid, rustix::process::Signal::KILL)
+                .context("SIGKILL of the gateway")?;
+        }
+        report.row(&format!("{label} gateway SIGKILLed after go (ms)"), ms);
+    }
+    let killed = a.kill_after_ms.is_some();
     let pb = ctx.progress(tasks.len() as u64, "add_to_cart");
     let mut answers = Vec::with_capacity(tasks.len());
     for t in tasks {
@@ -280,18 +302,20 @@ pub async fn run(
             "{label}: OVERSELL: {reserved_units} units reserved of {stock}"
         ));
     }
-    if !lost.is_empty() {
+    if killed {
+        report.row(&format!("{label} requests cut off by the kill"), lost.len());
+    } else if !lost.is_empty() {
         report.fail(format!(
             "{label}: {} add_to_cart got no reply (first: {})",
             lost.len(),
             lost[0]
         ));
     }
-    if reserved + sold_out + n_err + lost.len() != clients.len() {
+    if !killed && reserved + sold_out + n_err + lost.len() != clients.len() {
         report.fail(format!("{label}: replies do not add up to the requests"));
     }
     let want = (stock / a.qty.max(1)).min(clients.len() as u64) as usize;
-    if n_err == 0 && lost.is_empty() && reserved != want {
+    if !killed && n_err == 0 && lost.is_empty() && reserved != want {
         report.fail(format!("{label}: {reserved} reserved, expected exactly {want} (sold_out while stock was left?)"));
     }
     let bad_fields = reserved_ids
@@ -321,9 +345,10 @@ pub async fn run(
 
     // Idempotent retry: the same req from the same user returns the same reservation.
     if let Some(pos) = clients.iter().enumerate().position(|(i, _)| {
-        reserved_ids
-            .iter()
-            .any(|r| r.2["req"] == format!("cart-{i}"))
+        !killed
+            && reserved_ids
+                .iter()
+                .any(|r| r.2["req"] == format!("cart-{i}"))
     }) {
         let r = clients[pos]
             .request(json!({"type": "add_to_cart", "req": format!("cart-{pos}"), "room": room, "sku": sku, "qty": a.qty}))
