@@ -48,6 +48,9 @@ pub enum Command {
     },
     /// Run the order writer alone (run several for scale).
     OrderWriter {
+        /// Serve /metrics and /healthz here (e.g. 127.0.0.1:9101); none by default.
+        #[arg(long, env = "LIVEGATE_ORDER_WRITER_METRICS")]
+        metrics_listen: Option<std::net::SocketAddr>,
         /// Redis URL (overrides LIVEGATE_REDIS_URL).
         #[arg(long)]
         redis_url: Option<String>,
@@ -161,6 +164,7 @@ pub fn main() -> ExitCode {
             run_async(serve(cfg, !no_order_writer))
         }
         Command::OrderWriter {
+            metrics_listen,
             redis_url,
             order_store,
         } => {
@@ -173,6 +177,21 @@ pub fn main() -> ExitCode {
             };
             run_async(async move {
                 init_logging();
+                crate::metrics::install();
+                if let Some(addr) = metrics_listen {
+                    match tokio::net::TcpListener::bind(addr).await {
+                        Ok(l) => {
+                            let router = axum::Router::new()
+                                .route("/metrics", axum::routing::get(crate::http::metrics_text))
+                                .route("/healthz", axum::routing::get(crate::http::healthz));
+                            tokio::spawn(async move { axum::serve(l, router).await });
+                        }
+                        Err(e) => {
+                            eprintln!("livegate: cannot listen on {addr}: {e}");
+                            return ExitCode::FAILURE;
+                        }
+                    }
+                }
                 match crate::order_writer::run(&cfg, shutdown_signal()).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
