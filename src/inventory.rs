@@ -10,6 +10,7 @@
 //! most, never across an `.await`); only checkout and batch finishes lock several shards,
 //! always in ascending index order. See docs/inventory.md for the contract and invariants.
 
+mod idem;
 mod shard;
 mod types;
 mod wheel;
@@ -531,7 +532,7 @@ impl Inventory {
             st.reservations
                 .extend(g.reservations.values().map(|e| e.res.clone()));
             // Records keep no strings: only those of live reservations can be listed.
-            for rec in g.idem.values().filter(|r| !r.ended) {
+            for rec in g.idem.records().filter(|r| !r.ended) {
                 if let Some(e) = g.reservations.get(&rec.id.0) {
                     st.idempotency.push((
                         Arc::clone(&e.res.user),

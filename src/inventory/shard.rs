@@ -5,12 +5,11 @@
 //! no allocation beyond the map entries it inserts, no call back into the `Inventory`, and no
 //! panics (counts use saturating arithmetic; the invariants are checked by the tests).
 
-use std::collections::{hash_map, HashMap, VecDeque};
-use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 
+use super::idem::IdemTable;
 use super::types::{
     InvError, ProductCounts, ProductSpec, ResId, Reservation, ReserveOutcome, ReserveRequest,
     COUNTER_MASK,
@@ -186,24 +185,6 @@ pub(crate) struct IdemRec {
     pub ended: bool,
 }
 
-/// Identity "hasher" for keys that are already keyed hashes.
-#[derive(Default, Clone, Copy)]
-pub(crate) struct PreHashed(u64);
-
-impl std::hash::Hasher for PreHashed {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_u64(&mut self, i: u64) {
-        self.0 = i;
-    }
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
 pub(crate) struct Shard {
     index: u64,
     nshards: u64,
@@ -214,10 +195,8 @@ pub(crate) struct Shard {
     pub reservations: FxHashMap<u64, Entry>,
     /// (expires_at, id) of exactly the Held reservations, in a timing wheel.
     pub wheel: Wheel,
-    /// Idempotency records keyed by the keyed hash of (user, req, sku).
-    pub idem: HashMap<u64, IdemRec, BuildHasherDefault<PreHashed>>,
-    /// (created at, key, id) in insertion order: oldest-first pruning and eviction.
-    pub idem_fifo: VecDeque<(u64, u64, ResId)>,
+    /// Idempotency records keyed by the keyed hash of (user, req, sku), oldest first.
+    pub idem: IdemTable,
 }
 
 impl Shard {
@@ -229,8 +208,7 @@ impl Shard {
             products: FxHashMap::default(),
             reservations: FxHashMap::default(),
             wheel: Wheel::new(),
-            idem: HashMap::default(),
-            idem_fifo: VecDeque::new(),
+            idem: IdemTable::new(),
         }
     }
 
@@ -251,7 +229,7 @@ impl Shard {
         let Some(product) = self.products.get_mut(&*r.sku) else {
             return Err(InvError::UnknownSku);
         };
-        if let Some(rec) = self.idem.get(&idem_key.key) {
+        if let Some(rec) = self.idem.get(idem_key.key) {
             if rec.check != idem_key.check {
                 return Err(collision());
             }
@@ -334,32 +312,12 @@ impl Shard {
     }
 
     pub(crate) fn insert_idem(&mut self, key: u64, rec: IdemRec, at: u64, cap: usize) {
-        let id = rec.id;
-        self.idem.insert(key, rec);
-        self.idem_fifo.push_back((at, key, id));
-        while self.idem_fifo.len() > cap {
-            self.pop_idem();
-        }
-    }
-
-    fn pop_idem(&mut self) {
-        if let Some((_, key, id)) = self.idem_fifo.pop_front() {
-            if let hash_map::Entry::Occupied(o) = self.idem.entry(key) {
-                if o.get().id == id {
-                    o.remove();
-                }
-            }
-        }
+        self.idem.insert(key, rec, at, cap);
     }
 
     /// Drops idempotency records created at or before `now - ttl`.
     pub(crate) fn prune_idem(&mut self, now: u64, ttl: u64) {
-        while let Some(&(at, _, _)) = self.idem_fifo.front() {
-            if at.saturating_add(ttl) > now {
-                break;
-            }
-            self.pop_idem();
-        }
+        self.idem.prune(now, ttl);
     }
 
     fn entry(&mut self, id: ResId) -> Result<&mut Entry, InvError> {
@@ -411,11 +369,7 @@ impl Shard {
         if let Some(p) = self.products.get_mut(&*e.res.sku) {
             p.give_back(&e.res.user, u64::from(e.res.qty));
         }
-        if let hash_map::Entry::Occupied(o) = self.idem.entry(e.idem.key) {
-            if o.get().id == id {
-                o.remove();
-            }
-        }
+        self.idem.remove(e.idem.key, id);
         Ok(())
     }
 
@@ -489,7 +443,7 @@ impl Shard {
                 p.give_back(&e.res.user, qty);
             }
         }
-        if let Some(rec) = self.idem.get_mut(&e.idem.key) {
+        if let Some(rec) = self.idem.get_mut(e.idem.key) {
             if rec.id == id {
                 rec.ended = true;
             }

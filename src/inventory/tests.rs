@@ -715,3 +715,85 @@ fn expiry_wheel_edges() {
     assert_eq!(last, want);
     assert!(inv.take_due(2_000_000, 10).is_empty());
 }
+
+/// The idempotency table against the map + FIFO it replaced, over random inserts (keys
+/// made to share index homes), removals, re-inserts of a live key, TTL prunes and cap
+/// evictions.
+#[test]
+fn idem_table_matches_map_and_fifo() {
+    use super::idem::IdemTable;
+    use super::shard::IdemRec;
+    use std::collections::{HashMap, VecDeque};
+
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    for cap in [1usize, 7, 64, 300] {
+        let mut t = IdemTable::new();
+        let mut map: HashMap<u64, (ResId, bool)> = HashMap::new();
+        let mut fifo: VecDeque<(u64, u64, ResId)> = VecDeque::new();
+        let pop = |map: &mut HashMap<u64, (ResId, bool)>,
+                   fifo: &mut VecDeque<(u64, u64, ResId)>| {
+            if let Some((_, k, id)) = fifo.pop_front() {
+                if map.get(&k).is_some_and(|r| r.0 == id) {
+                    map.remove(&k);
+                }
+            }
+        };
+        let mut now = 0u64;
+        for step in 0..3_000u64 {
+            // Few distinct high halves: many keys share a home and a probe run.
+            let key = ((next() % 24) << 33) | (next() % 40);
+            match next() % 10 {
+                0..=5 => {
+                    let id = ResId(step);
+                    let rec = IdemRec {
+                        id,
+                        check: key ^ 1,
+                        ended: false,
+                    };
+                    t.insert(key, rec, now, cap);
+                    map.insert(key, (id, false));
+                    fifo.push_back((now, key, id));
+                    while fifo.len() > cap {
+                        pop(&mut map, &mut fifo);
+                    }
+                }
+                6 => {
+                    if let Some(&(id, _)) = map.get(&key) {
+                        t.remove(key, id);
+                        map.remove(&key);
+                    }
+                }
+                7 => {
+                    if let Some(r) = t.get_mut(key) {
+                        r.ended = true;
+                    }
+                    if let Some(r) = map.get_mut(&key) {
+                        r.1 = true;
+                    }
+                }
+                8 => {
+                    now += next() % 50;
+                    t.prune(now, 200);
+                    while fifo.front().is_some_and(|f| f.0 + 200 <= now) {
+                        pop(&mut map, &mut fifo);
+                    }
+                }
+                _ => {}
+            }
+            for k in 0..40u64 {
+                for h in 0..24u64 {
+                    let key = (h << 33) | k;
+                    let got = t.get(key).map(|r| (r.id, r.ended));
+                    assert_eq!(got, map.get(&key).copied(), "step {step} cap {cap}");
+                }
+            }
+            assert_eq!(t.records().count(), map.len());
+        }
+    }
+}
