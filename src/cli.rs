@@ -310,7 +310,7 @@ async fn serve(cfg: Config, with_order_writer: bool) -> ExitCode {
             }
         })
     });
-    tracing::info!(listen = %cfg.listen, order_writer = with_order_writer, epoch = app.epoch, "livegate serving");
+    tracing::info!(listen = %cfg.listen, order_writer = with_order_writer, epoch = app.epoch, reserve_mode = ?cfg.reserve_mode, "livegate serving");
     stopped(stop_rx.clone()).await;
     // The server drains within the grace period; the order writer finishes its batch
     // meanwhile. Both share one budget.

@@ -46,6 +46,8 @@ pub struct Limits {
     pub heartbeat: Duration,
     /// Sequenced broadcasts kept per room for `join` with `since`.
     pub room_history: usize,
+    /// Bytes of history kept per room (estimated payload size); the oldest go first.
+    pub room_history_bytes: usize,
     /// Coalescing tick of a room (stock, comments).
     pub room_tick: Duration,
     /// Interval of the unsequenced `stats` broadcast.
@@ -214,6 +216,7 @@ impl Config {
             rate_burst: r.num("LIVEGATE_RATE_BURST", 40, 1, 1_000_000),
             heartbeat: r.millis("LIVEGATE_HEARTBEAT_MS", 15_000, 50, 3_600_000),
             room_history: r.num("LIVEGATE_ROOM_HISTORY", 1024, 1, 1 << 20),
+            room_history_bytes: r.num("LIVEGATE_ROOM_HISTORY_BYTES", 1 << 20, 1024, 1 << 30),
             room_tick: r.millis("LIVEGATE_ROOM_TICK_MS", 100, 10, 10_000),
             stats_interval: r.millis("LIVEGATE_STATS_MS", 1000, 50, 60_000),
             comments_per_tick: r.num("LIVEGATE_COMMENTS_PER_TICK", 200, 1, 100_000),

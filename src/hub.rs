@@ -514,6 +514,8 @@ struct RoomTask {
     pinned: Option<String>,
     seq: u64,
     history: VecDeque<Broadcast>,
+    /// Sum of `approx_size` over `history`.
+    history_bytes: usize,
     members: Vec<Outbox>,
     index: HashMap<u64, usize>,
     comments: Vec<CommentItem>,
@@ -536,6 +538,7 @@ impl RoomTask {
             pinned: None,
             seq: 0,
             history: VecDeque::new(),
+            history_bytes: 0,
             members: Vec::new(),
             index: HashMap::new(),
             comments: Vec::new(),
@@ -623,6 +626,7 @@ impl RoomTask {
                 self.pinned = pinned;
                 self.seq = self.seq.max(seq_base);
                 self.history.clear();
+                self.history_bytes = 0;
                 let _ = done.send(());
             }
             RoomCmd::CatalogChanged { sku } => {
@@ -784,7 +788,6 @@ impl RoomTask {
         if self.members.is_empty() {
             // Nobody to tell: a joiner gets the current state in its snapshot.
             self.comments.clear();
-            self.last_stock.clear();
             return;
         }
         if !self.comments.is_empty() {
@@ -828,9 +831,15 @@ impl RoomTask {
         let b = Broadcast::new(make(self.id.to_string(), self.seq));
         metrics::counter!(m::BROADCASTS, "type" => b.kind()).increment(1);
         self.fan_out(&b).await;
+        self.history_bytes += b.approx_size();
         self.history.push_back(b);
-        while self.history.len() > self.hub.limits.room_history {
-            self.history.pop_front();
+        let limits = &self.hub.limits;
+        while self.history.len() > limits.room_history
+            || (self.history_bytes > limits.room_history_bytes && self.history.len() > 1)
+        {
+            if let Some(old) = self.history.pop_front() {
+                self.history_bytes -= old.approx_size();
+            }
         }
     }
 

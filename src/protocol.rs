@@ -684,6 +684,28 @@ impl Broadcast {
         }
     }
 
+    /// An estimate of the encoded size in bytes (for byte-bounded history), without
+    /// encoding.
+    pub fn approx_size(&self) -> usize {
+        const BASE: usize = 64;
+        match &self.msg {
+            ServerMsg::Comments { items, .. } => {
+                BASE + items
+                    .iter()
+                    .map(|c| c.text.len() + c.user.len() + 40)
+                    .sum::<usize>()
+            }
+            ServerMsg::Stock { items, .. } => {
+                BASE + items.iter().map(|i| i.sku.len() + 30).sum::<usize>()
+            }
+            ServerMsg::Product { product, .. } => {
+                BASE + product.sku.len() + product.title.len() + 80
+            }
+            ServerMsg::Pinned { sku, .. } => BASE + sku.len(),
+            _ => BASE,
+        }
+    }
+
     /// The message's `type`, for metric labels.
     pub fn kind(&self) -> &'static str {
         match &self.msg {

@@ -634,3 +634,41 @@ async fn http_endpoints() {
     assert_eq!(http_get(&gw, "/readyz", None).await.0, 503);
     assert_eq!(http_get(&gw, "/healthz", None).await.0, 200);
 }
+
+#[tokio::test]
+async fn room_history_is_bounded_by_bytes_too() {
+    let redis = RedisServer::start();
+    let gw = Gateway::start_with(
+        &redis.url(),
+        &[
+            ("LIVEGATE_ROOM_HISTORY_BYTES", "2048"),
+            ("LIVEGATE_ROOM_HISTORY", "1000"),
+        ],
+    )
+    .await;
+    let _a = room_with_product(&gw, "chatty", "s1", 5).await;
+    let mut v = gw.viewer("talker").await;
+    let st = v.request(json!({"type":"join","room":"chatty"})).await;
+    let start = st["seq"].as_u64().expect("seq");
+    let text = "x".repeat(280);
+    let mut last = start;
+    for _ in 0..12 {
+        v.request(json!({"type":"comment","room":"chatty","text":text}))
+            .await;
+        last = v.recv_type("comments").await["seq"].as_u64().expect("seq");
+    }
+    // 12 batches of ~400 bytes do not fit in 2 KiB: the early ones are gone.
+    let mut late = gw.viewer("late").await;
+    let r = late
+        .request(json!({"type":"join","room":"chatty","since":start}))
+        .await;
+    assert_eq!(r["type"], "room_state", "{r}");
+    // The most recent ones are still there.
+    let mut recent = gw.viewer("recent").await;
+    let r = recent
+        .request(json!({"type":"join","room":"chatty","since":last - 2}))
+        .await;
+    assert_eq!(r["type"], "joined", "{r}");
+    assert_eq!(recent.recv().await["seq"], last - 1);
+    assert_eq!(recent.recv().await["seq"], last);
+}
