@@ -1,9 +1,11 @@
 //! One lock shard of the inventory: the products whose SKU hashes here, their reservations,
-//! the expiry index and the idempotency records of reserves on those products.
+//! the expiry index (a timing wheel, `wheel.rs`) and the idempotency records of reserves on
+//! those products (a ring with an index, `idem.rs`).
 //!
 //! Everything here runs with the shard's lock held, so it must stay short: no I/O, no clock,
-//! no allocation beyond the map entries it inserts, no call back into the `Inventory`, and no
-//! panics (counts use saturating arithmetic; the invariants are checked by the tests).
+//! no allocation beyond growing its maps, wheel buckets and record ring, no call back into
+//! the `Inventory`, and no panics (counts use saturating arithmetic; the invariants are
+//! checked by the tests).
 
 use std::sync::Arc;
 
@@ -169,9 +171,9 @@ impl Product {
 }
 
 /// An idempotency key: two independent 64-bit hashes of (user, req, sku). `key` is keyed
-/// SipHash (the map key: a client cannot aim collisions at it); `check` is a second hash
-/// stored in the record. A record keeps no strings, so it costs 24 bytes and evicting it
-/// touches nothing else; a false match needs both to collide (about N^2 / 2^129).
+/// SipHash (the table key: a client cannot aim collisions at it); `check` is a second hash
+/// (rustc-hash) stored in the record. A record keeps no strings, so evicting it touches
+/// nothing else; a false match needs both to collide (about N^2 / 2^129).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct IdemKey {
     pub key: u64,
