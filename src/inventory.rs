@@ -109,7 +109,8 @@ impl Inventory {
             shards,
             epoch: cfg.epoch & EPOCH_MASK,
             idem_ttl_ms: cfg.idempotency_ttl_ms,
-            idem_cap: cfg.idempotency_cap_per_shard.max(1),
+            // The record ring addresses records by 32-bit sequence numbers.
+            idem_cap: cfg.idempotency_cap_per_shard.clamp(1, 1 << 31),
             idem_hasher: RandomState::new(),
             fresh_floor: AtomicU64::new(0),
             restored_any: AtomicBool::new(false),

@@ -209,7 +209,7 @@ pub struct InventoryConfig {
     pub epoch: u32,
     /// How long an idempotency record is kept after the reserve that created it (ms).
     pub idempotency_ttl_ms: u64,
-    /// Hard cap of idempotency records per shard; the oldest are evicted first.
+    /// Hard cap of idempotency records per shard (at most 2^31); the oldest are evicted first.
     pub idempotency_cap_per_shard: usize,
 }
 
