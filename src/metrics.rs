@@ -42,6 +42,9 @@ pub const AUDIENCE_DROPPED: &str = "livegate_audience_writes_dropped_total";
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
+/// How often histogram samples are drained into their summaries.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Installs the process-wide Prometheus recorder once and returns its handle (`None` when
 /// another recorder was installed first, for example by an embedding program).
 pub fn install() -> Option<PrometheusHandle> {
@@ -49,6 +52,18 @@ pub fn install() -> Option<PrometheusHandle> {
         .get_or_init(|| {
             let handle = PrometheusBuilder::new().install_recorder().ok()?;
             describe();
+            // Histogram samples wait in the recorder until upkeep drains them into their
+            // summaries; without it they grow with every sample between two scrapes.
+            let upkeep = handle.clone();
+            let spawned = std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || loop {
+                    std::thread::sleep(UPKEEP_EVERY);
+                    upkeep.run_upkeep();
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start the metrics upkeep thread");
+            }
             Some(handle)
         })
         .clone()
