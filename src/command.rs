@@ -167,7 +167,13 @@ fn find_room(app: &App, room: &str) -> Result<Room, ProtoError> {
 }
 
 fn unavailable(e: crate::commit::CommitError) -> ProtoError {
-    ProtoError::new(ErrorCode::Unavailable, format!("{e}; nothing was recorded"))
+    let hint = match e {
+        crate::commit::CommitError::Unavailable(_) => "nothing was recorded",
+        crate::commit::CommitError::Unknown => {
+            "it may still be recorded: retry with the same req to learn the outcome"
+        }
+    };
+    ProtoError::new(ErrorCode::Unavailable, format!("{e}; {hint}"))
 }
 
 #[cfg(test)]

@@ -28,9 +28,10 @@ pub enum CommitError {
     /// Redis refused the connection or the transaction.
     #[error("the durable store is unavailable: {0}")]
     Unavailable(String),
-    /// The write was sent but no answer came within the commit timeout: it may or may not
-    /// have been applied. Callers keep the more conservative in-memory state.
-    #[error("the durable store did not answer in time")]
+    /// The write was sent but its answer was lost (timeout, dropped connection, I/O error):
+    /// it may or may not have been applied. Callers keep the change in flight, holding its
+    /// units, until `recovery::settle_unknown` learns which.
+    #[error("the durable store did not answer; the outcome is not known yet")]
     Unknown,
 }
 

@@ -355,7 +355,7 @@ async fn write_loop(
             Err(e) => {
                 tracing::debug!(error = %e, "writer stopped");
                 kill.kill(close::NORMAL);
-                let _ = sink.close().await;
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.close()).await;
                 return;
             }
         }
