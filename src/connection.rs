@@ -188,7 +188,8 @@ async fn serve(
     encoding: Encoding,
     _permit: OwnedSemaphorePermit,
 ) {
-    let limits = app.cfg.limits.clone();
+    // Borrowed from the App this task holds anyway: no per-connection copy.
+    let limits = &app.cfg.limits;
     let conn = app.next_conn_id();
     let (tx, rx) = outbound::queue(limits.outbound_queue);
     let kill = Arc::new(KillSwitch::default());

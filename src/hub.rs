@@ -450,12 +450,10 @@ impl Hub {
     }
 
     pub fn unregister(&self, user: &str, conn: u64) {
-        if let dashmap::Entry::Occupied(mut e) = self.users.entry(Arc::from(user)) {
-            e.get_mut().remove(&conn);
-            if e.get().is_empty() {
-                e.remove();
-            }
+        if let Some(mut conns) = self.users.get_mut(user) {
+            conns.remove(&conn);
         }
+        self.users.remove_if(user, |_, conns| conns.is_empty());
     }
 
     /// Queues `msg` to every connection of `user` on this gateway; returns how many.
@@ -485,10 +483,6 @@ impl Hub {
             }
         }
         n
-    }
-
-    pub fn connection_count(&self) -> usize {
-        self.users.iter().map(|c| c.len()).sum()
     }
 
     fn product_view(&self, sku: &str) -> Option<ProductView> {
