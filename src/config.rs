@@ -77,6 +77,9 @@ pub struct Limits {
     pub default_ttl_s: u32,
     /// How long a (user, req) idempotency record is kept after its reservation was made.
     pub idempotency_ttl: Duration,
+    /// Idempotency records kept in memory in all (split over the shards); past it the
+    /// oldest are forgotten first.
+    pub idempotency_cap: usize,
     /// Time given to in-flight work on SIGTERM / SIGINT before the process exits.
     pub shutdown_grace: Duration,
 }
@@ -236,6 +239,7 @@ impl Config {
                 1,
                 30 * 86_400,
             )),
+            idempotency_cap: r.num("LIVEGATE_IDEMPOTENCY_CAP", 1_000_000, 1_000, 1 << 30),
             shutdown_grace: r.millis("LIVEGATE_SHUTDOWN_GRACE_MS", 10_000, 0, 600_000),
         };
         let order_writer = OrderWriterConfig {
