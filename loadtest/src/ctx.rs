@@ -29,7 +29,7 @@ pub struct Common {
         hide_env_values = true
     )]
     pub secret: Option<String>,
-    /// Redis of the gateway, for verification (ignored with --spawn).
+    /// Redis of the gateway, for verification (loopback only; ignored with --spawn).
     #[arg(
         long,
         global = true,
@@ -170,6 +170,7 @@ impl Ctx {
                 }),
             )
         } else {
+            net::check_redis_url(&c.redis_url)?;
             let secret = c
                 .secret
                 .clone()

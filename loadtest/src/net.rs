@@ -48,20 +48,42 @@ impl Target {
         } else {
             port.parse().context("bad port")?
         };
-        let ip: IpAddr = if host.eq_ignore_ascii_case("localhost") {
-            IpAddr::V4(Ipv4Addr::LOCALHOST)
-        } else {
-            host.parse()
-                .with_context(|| format!("host {host:?} is not an IP address or localhost"))?
-        };
-        if !ip.is_loopback() {
-            bail!("refusing non-loopback target {host}: this harness only ever targets 127.0.0.0/8, ::1 or localhost");
-        }
+        let ip = loopback_ip(&host)?;
         Ok(Self {
             addr: SocketAddr::new(ip, port),
             host: hostport.to_string(),
             path,
         })
+    }
+}
+
+/// The address of `host` when it is loopback (127.0.0.0/8, ::1 or localhost); an error for
+/// anything else. There is deliberately no override.
+fn loopback_ip(host: &str) -> Result<IpAddr> {
+    let ip: IpAddr = if host.eq_ignore_ascii_case("localhost") {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    } else {
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .with_context(|| format!("host {host:?} is not an IP address or localhost"))?
+    };
+    if !ip.is_loopback() {
+        bail!("refusing non-loopback target {host}: this harness only ever targets 127.0.0.0/8, ::1 or localhost");
+    }
+    Ok(ip)
+}
+
+/// Refuses a Redis URL (the verification connection) whose host is not loopback; a unix
+/// socket is local and allowed.
+pub fn check_redis_url(url: &str) -> Result<()> {
+    let client = redis::Client::open(url).with_context(|| format!("bad Redis URL {url}"))?;
+    match client.get_connection_info().addr() {
+        redis::ConnectionAddr::Tcp(host, _) | redis::ConnectionAddr::TcpTls { host, .. } => {
+            loopback_ip(host).map(|_| ())
+        }
+        redis::ConnectionAddr::Unix(_) => Ok(()),
+        other => bail!("refusing Redis address {other:?}: loopback only"),
     }
 }
 
@@ -190,6 +212,11 @@ mod tests {
         assert!(Target::parse("ws://example.com/ws").is_err());
         assert!(Target::parse("wss://127.0.0.1/ws").is_err());
         assert!(Target::parse("ws://127.0.0.1.evil.com/ws").is_err());
+        assert!(check_redis_url("redis://127.0.0.1:6379").is_ok());
+        assert!(check_redis_url("redis://localhost:6379/0").is_ok());
+        assert!(check_redis_url("redis://:pw@[::1]:6379").is_ok());
+        assert!(check_redis_url("redis://10.0.0.1:6379").is_err());
+        assert!(check_redis_url("redis://cache.example.com:6379").is_err());
     }
 
     #[test]
