@@ -7,7 +7,11 @@ use anyhow::{Context, Result};
 use redis::streams::StreamReadReply;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
+
+/// How long [`Tail::finish`] may keep reading after it was asked to stop.
+const TAIL_DRAIN: Duration = Duration::from_secs(10);
 
 pub type Entry = (String, HashMap<String, String>);
 
@@ -57,7 +61,16 @@ impl Tail {
         let out = entries.clone();
         let task = tokio::spawn(async move {
             let mut last = last;
+            // Once stopped, reading to the end of the stream gets at most this long, so a
+            // stream that keeps growing or a Redis that keeps failing cannot hold the run.
+            let mut drain_until: Option<Instant> = None;
             loop {
+                if *stopped.borrow_and_update() {
+                    let until = *drain_until.get_or_insert_with(|| Instant::now() + TAIL_DRAIN);
+                    if Instant::now() > until {
+                        break;
+                    }
+                }
                 let reply: redis::RedisResult<Option<StreamReadReply>> = redis::cmd("XREAD")
                     .arg("COUNT")
                     .arg(5000)
@@ -79,11 +92,11 @@ impl Tail {
                         }
                     }
                     Ok(None) => {
-                        if *stopped.borrow_and_update() {
+                        if drain_until.is_some() {
                             break;
                         }
                     }
-                    Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 }
             }
         });
@@ -94,7 +107,8 @@ impl Tail {
         })
     }
 
-    /// Stops after the stream has been read up to its end; returns every entry seen.
+    /// Stops after the stream has been read up to its end (at most [`TAIL_DRAIN`] more);
+    /// returns every entry seen.
     pub async fn finish(self) -> Vec<Entry> {
         let _ = self.stop.send(true);
         let _ = self.task.await;

@@ -208,8 +208,14 @@ pub async fn run(ctx: &Ctx, common: &Common, a: &Args, report: &mut Report) -> R
         pb.inc(1);
     }
     pb.finish_and_clear();
+    // The viewers stop at `end`; one 30 s grace for all of them (not 30 s each), then the
+    // stragglers are aborted so nothing outlives the run.
+    let grace = tokio::time::Instant::now() + Duration::from_secs(30);
     for t in tasks {
-        let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
+        let abort = t.abort_handle();
+        if tokio::time::timeout_at(grace, t).await.is_err() {
+            abort.abort();
+        }
     }
     anchor.close().await;
     let h = counters
