@@ -1,7 +1,7 @@
 //! The SQL order store: the `orders` and `order_items` tables in SQLite (the embedded
 //! default) or PostgreSQL (production), reached through one sqlx pool.
 //!
-//! It owns the schema (the migrations under `migrations/`, embedded at build time), the
+//! It owns the schema (the migrations under `src/store/migrations/`, embedded at build time), the
 //! idempotent batch insert that makes the order writer exactly-once (an order id is stored
 //! at most once, whatever is redelivered), and the read queries of the stats API.
 //!
@@ -429,7 +429,7 @@ impl OrderStore {
                 pool = pool.max_connections(4);
             }
             let pool = pool.connect_with(opts).await?;
-            sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+            sqlx::migrate!("./src/store/migrations/sqlite").run(&pool).await?;
             Backend::Sqlite(pool)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let pool = PgPoolOptions::new()
@@ -437,7 +437,7 @@ impl OrderStore {
                 .acquire_timeout(ACQUIRE_TIMEOUT)
                 .connect(url)
                 .await?;
-            sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+            sqlx::migrate!("./src/store/migrations/postgres").run(&pool).await?;
             Backend::Postgres(pool)
         } else {
             return Err(StoreError::UnsupportedUrl(redact(url)));
