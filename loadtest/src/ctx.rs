@@ -3,12 +3,13 @@
 //! addresses, reply timeout), how to mint tokens, where Redis and the order store are for the
 //! after-run verification, the server pid for RSS sampling, and the connection ramp.
 
-use crate::client::{Dialer, Encoding};
+use crate::client::{self, Client, Dialer, Encoding, Handler, Reply};
 use crate::net::{self, Sources, Target};
 use crate::spawn::{self, Gateway, Redis};
 use crate::tokens::Minter;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::json;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -225,8 +226,9 @@ impl Ctx {
     }
 
     /// Runs `f(i)` for i in 0..n, starting at most `ramp_per_sec` per second and at most
-    /// 256 at once; returns the results in order.
-    pub async fn ramp<F, Fut, T>(&self, n: usize, label: &str, f: F) -> Vec<Result<T>>
+    /// 256 at once; returns the successes in order and counts the failures (the first one is
+    /// printed to stderr).
+    pub async fn ramp<F, Fut, T>(&self, n: usize, label: &str, f: F) -> Connected<T>
     where
         F: Fn(usize) -> Fut,
         Fut: Future<Output = Result<T>> + Send + 'static,
@@ -250,20 +252,74 @@ impl Ctx {
                 r
             }));
         }
-        let mut out = Vec::with_capacity(n);
+        let mut out = Connected {
+            ok: Vec::with_capacity(n),
+            errors: 0,
+            first_error: None,
+        };
         for h in handles {
-            out.push(
-                h.await
-                    .unwrap_or_else(|e| Err(anyhow::anyhow!("task failed: {e}"))),
-            );
+            match h
+                .await
+                .unwrap_or_else(|e| Err(anyhow::anyhow!("task failed: {e}")))
+            {
+                Ok(t) => out.ok.push(t),
+                Err(e) => {
+                    out.errors += 1;
+                    out.first_error.get_or_insert(format!("{e:#}"));
+                }
+            }
         }
         pb.finish_and_clear();
+        if let Some(e) = &out.first_error {
+            eprintln!("{label}: {} failed to connect/join; first: {e}", out.errors);
+        }
         out
+    }
+
+    /// An anchor connection (user `anchor-<run id>`, allowed `rooms`), from source address 0.
+    pub async fn anchor(&self, rooms: &[String]) -> Result<Arc<Client>> {
+        let token = self
+            .minter
+            .anchor(&format!("anchor-{}", self.run_id), rooms)?;
+        self.dialer.connect(0, &token, client::ignore()).await
+    }
+
+    /// Viewer `i`: connects as user `sub` with a fresh viewer token and, with `join`, joins
+    /// that room (the reply must be `room_state`). Returns the client and the join reply; the
+    /// future owns everything, as [`ramp`](Self::ramp) needs.
+    pub fn viewer(
+        &self,
+        i: usize,
+        sub: &str,
+        join: Option<&str>,
+        handler: Handler,
+    ) -> impl Future<Output = Result<(Arc<Client>, Option<Reply>)>> + Send + 'static {
+        let dialer = self.dialer.clone();
+        let token = self.minter.viewer(sub);
+        let join = join.map(str::to_string);
+        async move {
+            let c = dialer.connect(i, &token?, handler).await?;
+            let joined = match join {
+                Some(room) => Some(
+                    c.expect(json!({"type": "join", "room": room}), "room_state")
+                        .await?,
+                ),
+                None => None,
+            };
+            Ok((c, joined))
+        }
     }
 
     pub fn redis_key(&self, suffix: &str) -> String {
         format!("{}:{}", self.key_prefix, suffix)
     }
+}
+
+/// What [`Ctx::ramp`] got: the successes in order, and how many failed.
+pub struct Connected<T> {
+    pub ok: Vec<T>,
+    pub errors: usize,
+    pub first_error: Option<String>,
 }
 
 /// The duration to use: `--duration`, else the smoke or normal default; capped at 600 s.

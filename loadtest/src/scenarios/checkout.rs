@@ -51,72 +51,42 @@ pub async fn run(ctx: &Ctx, _common: &Common, a: &Args, report: &mut Report) -> 
     let price = 2500i64;
     let want_total = price * a.qty as i64;
     report.data("params", json!({"viewers": n, "qty": a.qty}));
-    let anchor_token = ctx.minter.anchor(
-        &format!("anchor-{}", ctx.run_id),
-        std::slice::from_ref(&room),
-    )?;
-    let anchor = ctx
-        .dialer
-        .connect(0, &anchor_token, crate::client::ignore())
-        .await?;
-    anchor
-        .expect(
-            json!({"type": "open_room", "room": room, "title": "checkout"}),
-            "ack",
-        )
-        .await?;
-    anchor
-        .expect(
-            json!({"type": "upsert_product", "room": room, "sku": sku, "title": "deal", "price_cents": price,
-                   "stock": n as u64 * a.qty, "ttl_s": 600}),
-            "ack",
-        )
-        .await?;
-    anchor
-        .expect(json!({"type": "pin", "room": room, "sku": sku}), "ack")
-        .await?;
+    let anchor = super::open_sale(
+        ctx,
+        &super::Sale {
+            room: &room,
+            title: "checkout",
+            sku: &sku,
+            product: "deal",
+            price_cents: price,
+            stock: n as u64 * a.qty,
+        },
+    )
+    .await?;
     let tail = verify::Tail::start(&ctx.redis_url, &ctx.redis_key("events"))
         .await
         .ok();
 
     let run_id = ctx.run_id.clone();
-    let results = ctx
-        .ramp(n, "buyers", |i| {
-            let dialer = ctx.dialer.clone();
-            let token = ctx.minter.viewer(&format!("b-{run_id}-{i}"));
-            let room = room.clone();
-            async move {
-                let confirmed: Confirmed = Arc::default();
-                let c2 = confirmed.clone();
-                let handler: Handler = Arc::new(move |e| {
-                    if let Event::Msg(m, at) = e {
-                        if m["type"] == "order_confirmed" {
-                            let order = m["order"].as_str().unwrap_or("").to_string();
-                            c2.0.lock().unwrap().insert(order, (at, m.clone()));
-                            c2.1.notify_one();
-                        }
+    let joined = ctx
+        .ramp(n, "checkout buyers", |i| {
+            let confirmed: Confirmed = Arc::default();
+            let c2 = confirmed.clone();
+            let handler: Handler = Arc::new(move |e| {
+                if let Event::Msg(m, at) = e {
+                    if m["type"] == "order_confirmed" {
+                        let order = m["order"].as_str().unwrap_or("").to_string();
+                        c2.0.lock().unwrap().insert(order, (at, m.clone()));
+                        c2.1.notify_one();
                     }
-                });
-                let c = dialer.connect(i, &token?, handler).await?;
-                c.expect(json!({"type": "join", "room": room}), "room_state")
-                    .await?;
-                Ok((c, confirmed))
-            }
+                }
+            });
+            let viewer = ctx.viewer(i, &format!("b-{run_id}-{i}"), Some(&room), handler);
+            async move { Ok((viewer.await?.0, confirmed)) }
         })
         .await;
-    let mut buyers = Vec::new();
-    let mut connect_errors = 0;
-    for r in results {
-        match r {
-            Ok(b) => buyers.push(b),
-            Err(e) => {
-                if connect_errors == 0 {
-                    eprintln!("checkout: connect/join failed: {e:#}");
-                }
-                connect_errors += 1;
-            }
-        }
-    }
+    let connect_errors = joined.errors;
+    let buyers = joined.ok;
 
     let hists: Arc<Mutex<[hdrhistogram::Histogram<u64>; 3]>> =
         Arc::new(Mutex::new([histogram(), histogram(), histogram()]));

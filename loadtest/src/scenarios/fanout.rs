@@ -350,75 +350,53 @@ async fn livegate_phase(
         })
         .collect();
     let run_id = ctx.run_id.clone();
-    let results = ctx
-        .ramp(viewers, "viewers", |i| {
+    let joined = ctx
+        .ramp(viewers, "livegate viewers", |i| {
             let v = states[i].clone();
             let plan = plans[v.room].clone();
             let t = tally.clone();
-            let dialer = ctx.dialer.clone();
-            let token = ctx.minter.viewer(&format!("v-{run_id}-{i}"));
+            let hv = v.clone();
+            let handler: Handler = Arc::new(move |e| match e {
+                Event::Msg(msg, now) => {
+                    if let Some(seq) = msg.get("seq").and_then(Value::as_u64) {
+                        let last = hv.last_seq.swap(seq, Ordering::Relaxed);
+                        if last != 0 && seq != last + 1 {
+                            t.seq_gaps.fetch_add(1, Ordering::Relaxed);
+                            t.problem(format!("viewer {}: seq {last} then {seq}: {msg}", hv.idx));
+                        }
+                    }
+                    match msg["type"].as_str() {
+                        Some("pinned" | "unpinned") => on_pin_event(&t, &plan, &hv, msg, now),
+                        Some("_undecodable") => {
+                            t.undecodable.fetch_add(1, Ordering::Relaxed);
+                        }
+                        _ => {}
+                    }
+                }
+                Event::Closed(code) => {
+                    if !hv.closed.swap(true, Ordering::Relaxed)
+                        && !t.closing.load(Ordering::Relaxed)
+                    {
+                        t.disconnects.fetch_add(1, Ordering::Relaxed);
+                        t.problem(format!(
+                            "viewer {} disconnected (close code {code:?})",
+                            hv.idx
+                        ));
+                    }
+                }
+            });
+            let room_id = plans[v.room].id.clone();
+            let viewer = ctx.viewer(i, &format!("v-{run_id}-{i}"), Some(&room_id), handler);
             async move {
-                let token = token?;
-                let hv = v.clone();
-                let room_id = plan.id.clone();
-                let handler: Handler = Arc::new(move |e| match e {
-                    Event::Msg(msg, now) => {
-                        if let Some(seq) = msg.get("seq").and_then(Value::as_u64) {
-                            let last = hv.last_seq.swap(seq, Ordering::Relaxed);
-                            if last != 0 && seq != last + 1 {
-                                t.seq_gaps.fetch_add(1, Ordering::Relaxed);
-                                t.problem(format!(
-                                    "viewer {}: seq {last} then {seq}: {msg}",
-                                    hv.idx
-                                ));
-                            }
-                        }
-                        match msg["type"].as_str() {
-                            Some("pinned" | "unpinned") => on_pin_event(&t, &plan, &hv, msg, now),
-                            Some("_undecodable") => {
-                                t.undecodable.fetch_add(1, Ordering::Relaxed);
-                            }
-                            _ => {}
-                        }
-                    }
-                    Event::Closed(code) => {
-                        if !hv.closed.swap(true, Ordering::Relaxed)
-                            && !t.closing.load(Ordering::Relaxed)
-                        {
-                            t.disconnects.fetch_add(1, Ordering::Relaxed);
-                            t.problem(format!(
-                                "viewer {} disconnected (close code {code:?})",
-                                hv.idx
-                            ));
-                        }
-                    }
-                });
-                let c = dialer.connect(i, &token, handler).await?;
-                let reply = c
-                    .expect(json!({"type": "join", "room": room_id}), "room_state")
-                    .await?;
-                if let Some(seq) = reply.msg["seq"].as_u64() {
+                let (c, joined) = viewer.await?;
+                if let Some(seq) = joined.and_then(|r| r.msg["seq"].as_u64()) {
                     v.last_seq.fetch_max(seq, Ordering::Relaxed);
                 }
                 Ok(c)
             }
         })
         .await;
-    let mut clients = Vec::new();
-    let mut connect_errors = 0;
-    let mut first_err = None;
-    for r in results {
-        match r {
-            Ok(c) => clients.push(c),
-            Err(e) => {
-                connect_errors += 1;
-                first_err.get_or_insert(format!("{e:#}"));
-            }
-        }
-    }
-    if let Some(e) = &first_err {
-        eprintln!("livegate: {connect_errors} viewers failed to connect/join; first: {e}");
-    }
+    let (clients, connect_errors, first_err) = (joined.ok, joined.errors, joined.first_error);
     // Pin/unpin phase: one task per room.
     let pb = ctx.progress((events * rooms) as u64, "pins");
     let start = Instant::now();
@@ -544,18 +522,7 @@ async fn nats_phase(
             }
         })
         .await;
-    let mut clients = Vec::new();
-    let mut connect_errors = 0;
-    let mut first_err = None;
-    for r in results {
-        match r {
-            Ok(c) => clients.push(c),
-            Err(e) => {
-                connect_errors += 1;
-                first_err.get_or_insert(format!("{e:#}"));
-            }
-        }
-    }
+    let (clients, connect_errors, first_err) = (results.ok, results.errors, results.first_error);
     let mut publishers = Vec::new();
     for r in 0..rooms {
         publishers.push(NatsWs::connect(&sources, r, addr, None, Arc::new(|_, _, _| {})).await?);

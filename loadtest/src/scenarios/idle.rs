@@ -31,13 +31,7 @@ pub async fn run(ctx: &Ctx, common: &Common, a: &Args, report: &mut Report) -> R
         .context("idle needs the server pid: --server-pid PID or --spawn")?;
     let room = format!("idle-{}", ctx.run_id);
     if a.join {
-        let token = ctx
-            .minter
-            .anchor("idle-anchor", std::slice::from_ref(&room))?;
-        let anchor = ctx
-            .dialer
-            .connect(0, &token, crate::client::ignore())
-            .await?;
+        let anchor = ctx.anchor(std::slice::from_ref(&room)).await?;
         anchor
             .expect(
                 json!({"type": "open_room", "room": room, "title": "idle"}),
@@ -51,43 +45,22 @@ pub async fn run(ctx: &Ctx, common: &Common, a: &Args, report: &mut Report) -> R
     let closes: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
     let run_id = ctx.run_id.clone();
     let start = Instant::now();
-    let results = ctx
-        .ramp(n, "idle conns", |i| {
-            let dialer = ctx.dialer.clone();
-            let token = ctx.minter.viewer(&format!("idle-{run_id}-{i}"));
+    let join = a.join.then_some(room.as_str());
+    let conns = ctx
+        .ramp(n, "idle connections", |i| {
             let closes = closes.clone();
-            let room = room.clone();
-            let join = a.join;
-            async move {
-                let handler: Handler = Arc::new(move |e| {
-                    if let Event::Closed(code) = e {
-                        let key = code.map(|c| c.to_string()).unwrap_or_else(|| "none".into());
-                        *closes.lock().unwrap().entry(key).or_default() += 1;
-                    }
-                });
-                let c = dialer.connect(i, &token?, handler).await?;
-                if join {
-                    c.expect(json!({"type": "join", "room": room}), "room_state")
-                        .await?;
+            let handler: Handler = Arc::new(move |e| {
+                if let Event::Closed(code) = e {
+                    let key = code.map(|c| c.to_string()).unwrap_or_else(|| "none".into());
+                    *closes.lock().unwrap().entry(key).or_default() += 1;
                 }
-                Ok(c)
-            }
+            });
+            ctx.viewer(i, &format!("idle-{run_id}-{i}"), join, handler)
         })
         .await;
     let ramp_time = start.elapsed();
-    let mut clients = Vec::new();
-    let mut errors = 0usize;
-    for r in results {
-        match r {
-            Ok(c) => clients.push(c),
-            Err(e) => {
-                if errors == 0 {
-                    eprintln!("idle: connect failed: {e:#}");
-                }
-                errors += 1;
-            }
-        }
-    }
+    let errors = conns.errors;
+    let clients: Vec<_> = conns.ok.into_iter().map(|(c, _)| c).collect();
     let heartbeat_ms = clients
         .first()
         .and_then(|c| c.hello["heartbeat_ms"].as_u64())

@@ -7,7 +7,7 @@
 //! entry of `P:reservations`); the stream's net reserved units never exceed the product's
 //! `stocked`; a retry with the same `req` returns the same reservation.
 
-use crate::client::Client;
+use crate::client::{Client, Event, Handler};
 use crate::ctx::{Common, Ctx};
 use crate::report::{histogram, record, Report};
 use crate::verify;
@@ -98,30 +98,18 @@ pub async fn run(
         &format!("{label} params"),
         json!({"viewers": n, "stock": stock, "qty": a.qty, "target": format!("{:?}", a.target), "join": !a.no_join}),
     );
-    let anchor_token = ctx.minter.anchor(
-        &format!("anchor-{}", ctx.run_id),
-        std::slice::from_ref(&room),
-    )?;
-    let anchor = ctx
-        .dialer
-        .connect(0, &anchor_token, crate::client::ignore())
-        .await?;
-    anchor
-        .expect(
-            json!({"type": "open_room", "room": room, "title": "rush"}),
-            "ack",
-        )
-        .await?;
-    anchor
-        .expect(
-            json!({"type": "upsert_product", "room": room, "sku": sku, "title": "flash deal",
-                   "price_cents": price, "stock": stock, "ttl_s": 600}),
-            "ack",
-        )
-        .await?;
-    anchor
-        .expect(json!({"type": "pin", "room": room, "sku": sku}), "ack")
-        .await?;
+    let anchor = super::open_sale(
+        ctx,
+        &super::Sale {
+            room: &room,
+            title: "rush",
+            sku: &sku,
+            product: "flash deal",
+            price_cents: price,
+            stock,
+        },
+    )
+    .await?;
 
     let events_key = ctx.redis_key("events");
     let tail = match verify::Tail::start(&ctx.redis_url, &events_key).await {
@@ -135,42 +123,21 @@ pub async fn run(
     let run_id = ctx.run_id.clone();
     // Broadcasts the viewers receive, by type (the rush also fans out `stock` updates).
     let seen: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
-    let results = ctx
-        .ramp(n, "viewers", |i| {
-            let dialer = ctx.dialer.clone();
-            let token = ctx.minter.viewer(&format!("u-{run_id}-{label}-{i}"));
-            let room = room.clone();
+    let join = (!a.no_join).then_some(room.as_str());
+    let viewers = ctx
+        .ramp(n, &format!("{label} viewers"), |i| {
             let seen = seen.clone();
-            let join = !a.no_join;
-            async move {
-                let handler: crate::client::Handler = Arc::new(move |e| {
-                    if let crate::client::Event::Msg(m, _) = e {
-                        let kind = m["type"].as_str().unwrap_or("?").to_string();
-                        *seen.lock().unwrap().entry(kind).or_default() += 1;
-                    }
-                });
-                let c = dialer.connect(i, &token?, handler).await?;
-                if join {
-                    c.expect(json!({"type": "join", "room": room}), "room_state")
-                        .await?;
+            let handler: Handler = Arc::new(move |e| {
+                if let Event::Msg(m, _) = e {
+                    let kind = m["type"].as_str().unwrap_or("?").to_string();
+                    *seen.lock().unwrap().entry(kind).or_default() += 1;
                 }
-                Ok(c)
-            }
+            });
+            ctx.viewer(i, &format!("u-{run_id}-{label}-{i}"), join, handler)
         })
         .await;
-    let mut clients: Vec<Arc<Client>> = Vec::new();
-    let mut connect_errors = 0usize;
-    for r in results {
-        match r {
-            Ok(c) => clients.push(c),
-            Err(e) => {
-                if connect_errors == 0 {
-                    eprintln!("{label}: viewer failed to connect/join: {e:#}");
-                }
-                connect_errors += 1;
-            }
-        }
-    }
+    let connect_errors = viewers.errors;
+    let clients: Vec<Arc<Client>> = viewers.ok.into_iter().map(|(c, _)| c).collect();
 
     // Everyone presses at the same instant.
     let (go_tx, go_rx) = tokio::sync::watch::channel(false);

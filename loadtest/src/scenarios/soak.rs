@@ -68,13 +68,7 @@ pub async fn run(ctx: &Ctx, common: &Common, a: &Args, report: &mut Report) -> R
     let room_ids: Vec<String> = (0..rooms)
         .map(|r| format!("soak-{}-{r}", ctx.run_id))
         .collect();
-    let anchor_token = ctx
-        .minter
-        .anchor(&format!("anchor-{}", ctx.run_id), &room_ids)?;
-    let anchor = ctx
-        .dialer
-        .connect(0, &anchor_token, crate::client::ignore())
-        .await?;
+    let anchor = ctx.anchor(&room_ids).await?;
     for r in &room_ids {
         anchor
             .expect(
