@@ -183,6 +183,45 @@ struct Phase {
 }
 
 impl Phase {
+    /// The figures of a phase whose events started at `start`: deliveries counted against the
+    /// events each viewer's room sent, throughput over first event sent → last delivery.
+    fn tally(
+        label: &'static str,
+        t: &Tally,
+        plans: &[Arc<RoomPlan>],
+        states: &[Arc<Viewer>],
+        start: Instant,
+        connect_errors: usize,
+        first_err: Option<String>,
+    ) -> Self {
+        let last_rx = t.base + Duration::from_micros(t.last_rx_us.load(Ordering::Relaxed));
+        let elapsed = last_rx
+            .saturating_duration_since(start)
+            .max(Duration::from_millis(1));
+        let (mut expected, mut delivered, mut missing) = (0u64, 0u64, 0u64);
+        for v in states {
+            let sent = plans[v.room].sent.load(Ordering::Acquire) as u64;
+            let got = v.received.load(Ordering::Relaxed) as u64;
+            expected += sent;
+            delivered += got.min(sent);
+            missing += sent.saturating_sub(got);
+        }
+        Phase {
+            label,
+            hist: t.merged(),
+            delivered,
+            expected,
+            missing,
+            mismatches: t.mismatches.load(Ordering::Relaxed),
+            anchor_errors: 0,
+            seq_gaps: t.seq_gaps.load(Ordering::Relaxed),
+            disconnects: t.disconnects.load(Ordering::Relaxed),
+            elapsed,
+            connect_errors,
+            first_problem: t.first_problem.lock().unwrap().clone().or(first_err),
+        }
+    }
+
     fn per_sec(&self) -> f64 {
         self.delivered as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
@@ -245,6 +284,64 @@ fn plans(ctx: &Ctx, rooms: usize, products: usize, events: usize) -> Vec<Arc<Roo
         .collect()
 }
 
+/// Viewer i watches room i mod `rooms`.
+fn viewer_states(viewers: usize, rooms: usize) -> Vec<Arc<Viewer>> {
+    (0..viewers)
+        .map(|i| {
+            Arc::new(Viewer {
+                idx: i,
+                room: i % rooms,
+                received: AtomicUsize::new(0),
+                last_seq: AtomicU64::new(0),
+                closed: AtomicBool::new(false),
+            })
+        })
+        .collect()
+}
+
+/// Plays events 0..events of every room at `rate` per second, one task per room. For event k
+/// of room r, `emit(plan, r, k)` prepares the send and returns it as a future; the send
+/// instant of event k is taken just before that future runs, and its `false` ends the room.
+/// Returns the instant the first event was due.
+async fn play<E, Fut>(
+    ctx: &Ctx,
+    plans: &[Arc<RoomPlan>],
+    events: usize,
+    rate: f64,
+    label: &str,
+    emit: E,
+) -> Instant
+where
+    E: Fn(Arc<RoomPlan>, usize, usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let pb = ctx.progress((events * plans.len()) as u64, label);
+    let start = Instant::now();
+    let period = Duration::from_secs_f64(1.0 / rate);
+    let mut tasks = Vec::new();
+    for (r, plan) in plans.iter().cloned().enumerate() {
+        let (pb, emit) = (pb.clone(), emit.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            for k in 0..events {
+                tick.tick().await;
+                let send = emit(plan.clone(), r, k);
+                let _ = plan.sends[k].set(Instant::now());
+                plan.sent.store(k + 1, Ordering::Release);
+                if !send.await {
+                    break;
+                }
+                pb.inc(1);
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    pb.finish_and_clear();
+    start
+}
+
 pub async fn run(ctx: &Ctx, common: &Common, a: &Args, report: &mut Report) -> Result<()> {
     let viewers = a.viewers.unwrap_or(if ctx.smoke { 60 } else { 1000 });
     let rooms = a.rooms.unwrap_or(if ctx.smoke { 2 } else { 4 }).max(1);
@@ -260,14 +357,14 @@ pub async fn run(ctx: &Ctx, common: &Common, a: &Args, report: &mut Report) -> R
     );
     report.row("offered deliveries/s", viewers as f64 * a.rate);
     if a.baseline_only {
-        let nats = nats_phase(ctx, a, viewers, rooms, events, dur).await?;
+        let nats = nats_phase(ctx, a, viewers, rooms, events).await?;
         nats.report(report);
         return Ok(());
     }
-    let lg = livegate_phase(ctx, a, viewers, rooms, events, dur).await?;
+    let lg = livegate_phase(ctx, a, viewers, rooms, events).await?;
     lg.report(report);
     if let Some(Baseline::Nats) = a.baseline {
-        let nats = nats_phase(ctx, a, viewers, rooms, events, dur).await?;
+        let nats = nats_phase(ctx, a, viewers, rooms, events).await?;
         nats.report(report);
         let ratio = |x: f64, y: f64| if y > 0.0 { x / y } else { f64::NAN };
         if !lg.hist.is_empty() && !nats.hist.is_empty() {
@@ -300,7 +397,6 @@ async fn livegate_phase(
     viewers: usize,
     rooms: usize,
     events: usize,
-    _dur: Duration,
 ) -> Result<Phase> {
     let plans = plans(ctx, rooms, a.products, events);
     let room_ids: Vec<String> = plans.iter().map(|p| p.id.clone()).collect();
@@ -338,17 +434,7 @@ async fn livegate_phase(
         anchors.push(conns);
     }
     let tally = Tally::new();
-    let states: Vec<Arc<Viewer>> = (0..viewers)
-        .map(|i| {
-            Arc::new(Viewer {
-                idx: i,
-                room: i % rooms,
-                received: AtomicUsize::new(0),
-                last_seq: AtomicU64::new(0),
-                closed: AtomicBool::new(false),
-            })
-        })
-        .collect();
+    let states = viewer_states(viewers, rooms);
     let run_id = ctx.run_id.clone();
     let joined = ctx
         .ramp(viewers, "livegate viewers", |i| {
@@ -398,82 +484,47 @@ async fn livegate_phase(
         .await;
     let (clients, connect_errors, first_err) = (joined.ok, joined.errors, joined.first_error);
     // Pin/unpin phase: one task per room.
-    let pb = ctx.progress((events * rooms) as u64, "pins");
-    let start = Instant::now();
-    let mut tasks = Vec::new();
     let anchor_errors = Arc::new(AtomicU64::new(0));
-    for (plan, anchor) in plans.iter().cloned().zip(anchors.iter().cloned()) {
-        let pb = pb.clone();
-        let errs = anchor_errors.clone();
-        let period = Duration::from_secs_f64(1.0 / a.rate);
-        tasks.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period);
-            for k in 0..events {
-                tick.tick().await;
-                let msg = match plan.expected(k) {
-                    Some(sku) => json!({"type": "pin", "room": plan.id, "sku": sku}),
-                    None => json!({"type": "unpin", "room": plan.id}),
-                };
-                let _ = plan.sends[k].set(Instant::now());
-                plan.sent.store(k + 1, Ordering::Release);
-                match anchor[k % anchor.len()].request(msg).await {
-                    Ok(r) if r.kind() == "ack" => {}
-                    Ok(r) => {
-                        errs.fetch_add(1, Ordering::Relaxed);
-                        eprintln!("anchor {}: event {k}: {}", plan.id, r.msg);
-                    }
-                    Err(e) => {
-                        errs.fetch_add(1, Ordering::Relaxed);
-                        eprintln!("anchor {}: event {k}: {e:#}", plan.id);
-                        break;
-                    }
+    let anchors = Arc::new(anchors);
+    let (errs, conns) = (anchor_errors.clone(), anchors.clone());
+    let start = play(ctx, &plans, events, a.rate, "pins", move |plan, r, k| {
+        let msg = match plan.expected(k) {
+            Some(sku) => json!({"type": "pin", "room": plan.id, "sku": sku}),
+            None => json!({"type": "unpin", "room": plan.id}),
+        };
+        let anchor = conns[r][k % conns[r].len()].clone();
+        let errs = errs.clone();
+        async move {
+            match anchor.request(msg).await {
+                Ok(r) if r.kind() == "ack" => true,
+                Ok(r) => {
+                    errs.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("anchor {}: event {k}: {}", plan.id, r.msg);
+                    true
                 }
-                pb.inc(1);
+                Err(e) => {
+                    errs.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("anchor {}: event {k}: {e:#}", plan.id);
+                    false
+                }
             }
-        }));
-    }
-    for t in tasks {
-        let _ = t.await;
-    }
-    pb.finish_and_clear();
+        }
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(a.drain)).await;
-    // Throughput window: first event sent → last delivery received.
-    let last_rx = tally.base + Duration::from_micros(tally.last_rx_us.load(Ordering::Relaxed));
-    let elapsed = last_rx
-        .saturating_duration_since(start)
-        .max(Duration::from_millis(1));
-    let anchor_errors = anchor_errors.load(Ordering::Relaxed);
-    let mut expected = 0u64;
-    let mut delivered = 0u64;
-    let mut missing = 0u64;
-    for v in &states[..] {
-        let sent = plans[v.room].sent.load(Ordering::Acquire) as u64;
-        let got = v.received.load(Ordering::Relaxed) as u64;
-        expected += sent;
-        delivered += got.min(sent);
-        missing += sent.saturating_sub(got);
-    }
-    let disconnects = tally.disconnects.load(Ordering::Relaxed);
+    let mut phase = Phase::tally(
+        "livegate",
+        &tally,
+        &plans,
+        &states,
+        start,
+        connect_errors,
+        first_err,
+    );
+    phase.anchor_errors = anchor_errors.load(Ordering::Relaxed);
     tally.closing.store(true, Ordering::Relaxed);
     for c in clients.iter().chain(anchors.iter().flatten()) {
         c.close().await;
-    }
-    let mut phase = Phase {
-        label: "livegate",
-        hist: tally.merged(),
-        delivered,
-        expected,
-        missing,
-        mismatches: tally.mismatches.load(Ordering::Relaxed),
-        anchor_errors,
-        seq_gaps: tally.seq_gaps.load(Ordering::Relaxed),
-        disconnects,
-        elapsed,
-        connect_errors,
-        first_problem: tally.first_problem.lock().unwrap().clone(),
-    };
-    if phase.first_problem.is_none() {
-        phase.first_problem = first_err;
     }
     Ok(phase)
 }
@@ -484,23 +535,12 @@ async fn nats_phase(
     viewers: usize,
     rooms: usize,
     events: usize,
-    _dur: Duration,
 ) -> Result<Phase> {
     let server = NatsServer::start(&a.nats_server).await?;
     let addr = server.ws_addr;
     let plans = plans(ctx, rooms, a.products, events);
     let tally = Tally::new();
-    let states: Vec<Arc<Viewer>> = (0..viewers)
-        .map(|i| {
-            Arc::new(Viewer {
-                idx: i,
-                room: i % rooms,
-                received: AtomicUsize::new(0),
-                last_seq: AtomicU64::new(0),
-                closed: AtomicBool::new(false),
-            })
-        })
-        .collect();
+    let states = viewer_states(viewers, rooms);
     let sources = ctx.dialer.sources;
     let results = ctx
         .ramp(viewers, "nats viewers", |i| {
@@ -527,63 +567,34 @@ async fn nats_phase(
     for r in 0..rooms {
         publishers.push(NatsWs::connect(&sources, r, addr, None, Arc::new(|_, _, _| {})).await?);
     }
-    let pb = ctx.progress((events * rooms) as u64, "nats pubs");
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for (plan, publisher) in plans.iter().cloned().zip(publishers.iter().cloned()) {
-        let pb = pb.clone();
-        let period = Duration::from_secs_f64(1.0 / a.rate);
-        tasks.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period);
+    let publishers = Arc::new(publishers);
+    let pubs = publishers.clone();
+    let start = play(
+        ctx,
+        &plans,
+        events,
+        a.rate,
+        "nats pubs",
+        move |plan, r, k| {
+            let payload = plan.payload(k, k as u64 + 1);
+            let publisher = pubs[r].clone();
             let subject = format!("room.{}", plan.id);
-            for k in 0..events {
-                tick.tick().await;
-                let payload = plan.payload(k, k as u64 + 1);
-                let _ = plan.sends[k].set(Instant::now());
-                plan.sent.store(k + 1, Ordering::Release);
-                if publisher.publish(&subject, &payload).await.is_err() {
-                    break;
-                }
-                pb.inc(1);
-            }
-        }));
-    }
-    for t in tasks {
-        let _ = t.await;
-    }
-    pb.finish_and_clear();
+            async move { publisher.publish(&subject, &payload).await.is_ok() }
+        },
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(a.drain)).await;
-    // Throughput window: first event sent → last delivery received.
-    let last_rx = tally.base + Duration::from_micros(tally.last_rx_us.load(Ordering::Relaxed));
-    let elapsed = last_rx
-        .saturating_duration_since(start)
-        .max(Duration::from_millis(1));
-    let mut expected = 0u64;
-    let mut delivered = 0u64;
-    let mut missing = 0u64;
-    for v in &states[..] {
-        let sent = plans[v.room].sent.load(Ordering::Acquire) as u64;
-        let got = v.received.load(Ordering::Relaxed) as u64;
-        expected += sent;
-        delivered += got.min(sent);
-        missing += sent.saturating_sub(got);
-    }
+    let phase = Phase::tally(
+        "nats",
+        &tally,
+        &plans,
+        &states,
+        start,
+        connect_errors,
+        first_err,
+    );
     drop(clients);
     drop(publishers);
     server.stop().await;
-    let first_problem = tally.first_problem.lock().unwrap().clone().or(first_err);
-    Ok(Phase {
-        label: "nats",
-        hist: tally.merged(),
-        delivered,
-        expected,
-        missing,
-        mismatches: tally.mismatches.load(Ordering::Relaxed),
-        anchor_errors: 0,
-        seq_gaps: 0,
-        disconnects: 0,
-        elapsed,
-        connect_errors,
-        first_problem,
-    })
+    Ok(phase)
 }
