@@ -322,7 +322,11 @@ where
     for (r, plan) in plans.iter().cloned().enumerate() {
         let (pb, emit) = (pb.clone(), emit.clone());
         tasks.push(tokio::spawn(async move {
+            // After a stall (a slow `ack`, a busy machine) the next event waits a full period
+            // rather than bursting to catch up: a burst could push an anchor connection past
+            // the per-connection command limit and fail the run on timing alone.
             let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             for k in 0..events {
                 tick.tick().await;
                 let send = emit(plan.clone(), r, k);
