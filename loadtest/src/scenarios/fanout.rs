@@ -177,6 +177,7 @@ struct Phase {
     anchor_errors: u64,
     seq_gaps: u64,
     disconnects: u64,
+    undecodable: u64,
     elapsed: Duration,
     connect_errors: usize,
     first_problem: Option<String>,
@@ -216,6 +217,7 @@ impl Phase {
             anchor_errors: 0,
             seq_gaps: t.seq_gaps.load(Ordering::Relaxed),
             disconnects: t.disconnects.load(Ordering::Relaxed),
+            undecodable: t.undecodable.load(Ordering::Relaxed),
             elapsed,
             connect_errors,
             first_problem: t.first_problem.lock().unwrap().clone().or(first_err),
@@ -239,6 +241,7 @@ impl Phase {
             r.row(&format!("{l} seq gaps"), self.seq_gaps);
         }
         r.row(&format!("{l} disconnects"), self.disconnects);
+        r.row(&format!("{l} undecodable messages"), self.undecodable);
         r.latency(&format!("{l} delivery"), &self.hist);
         if self.connect_errors > 0 {
             r.fail(format!(
