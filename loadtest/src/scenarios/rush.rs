@@ -192,9 +192,9 @@ pub async fn run(
     let killed = a.kill_after_ms.is_some();
     let pb = ctx.progress(tasks.len() as u64, "add_to_cart");
     let mut answers = Vec::with_capacity(tasks.len());
-    for t in tasks {
-        if let Ok(x) = t.await {
-            answers.push(x);
+    for (i, t) in tasks.into_iter().enumerate() {
+        if let Ok((ans, at, reply_latency)) = t.await {
+            answers.push((i, ans, at, reply_latency));
         }
         pb.inc(1);
     }
@@ -208,7 +208,10 @@ pub async fn run(
     let mut last_reserved = go_at;
     let mut last_reply = go_at;
     let mut from_send = histogram();
-    for (ans, at, reply_latency) in answers {
+    // The first viewer that got a reservation (its index and the reservation id), for the
+    // idempotent retry below.
+    let mut first_reserved: Option<(usize, String)> = None;
+    for (i, ans, at, reply_latency) in answers {
         if let Some(l) = reply_latency {
             record(&mut from_send, l);
         }
@@ -217,6 +220,7 @@ pub async fn run(
         match ans {
             Answer::Reserved { id, qty, msg } => {
                 last_reserved = last_reserved.max(at);
+                first_reserved.get_or_insert_with(|| (i, id.clone()));
                 reserved_ids.push((id, qty, msg));
             }
             Answer::SoldOut => sold_out += 1,
@@ -285,22 +289,20 @@ pub async fn run(
     if !killed && n_err == 0 && lost.is_empty() && reserved != want {
         report.fail(format!("{label}: {reserved} reserved, expected exactly {want} (sold_out while stock was left?)"));
     }
-    let bad_fields = reserved_ids
-        .iter()
-        .filter(|(id, qty, m)| {
-            id.is_empty()
-                || *qty != a.qty
-                || m["sku"] != sku.as_str()
-                || m["room"] != room.as_str()
-                || m["price_cents"] != price
-        })
-        .count();
+    let wrong = |(id, qty, m): &&(String, u64, Value)| {
+        id.is_empty()
+            || *qty != a.qty
+            || m["sku"] != sku.as_str()
+            || m["room"] != room.as_str()
+            || m["price_cents"] != price
+    };
+    let bad_fields = reserved_ids.iter().filter(wrong).count();
     if bad_fields > 0 {
         report.fail(format!(
             "{label}: {bad_fields} reserved replies with wrong fields (e.g. {})",
             reserved_ids
                 .iter()
-                .find(|r| r.1 != a.qty || r.0.is_empty())
+                .find(wrong)
                 .map(|r| r.2.to_string())
                 .unwrap_or_default()
         ));
@@ -311,19 +313,11 @@ pub async fn run(
     }
 
     // Idempotent retry: the same req from the same user returns the same reservation.
-    if let Some(pos) = clients.iter().enumerate().position(|(i, _)| {
-        !killed
-            && reserved_ids
-                .iter()
-                .any(|r| r.2["req"] == format!("cart-{i}"))
-    }) {
+    if let Some((pos, orig)) = first_reserved.filter(|_| !killed) {
         let r = clients[pos]
             .request(json!({"type": "add_to_cart", "req": format!("cart-{pos}"), "room": room, "sku": sku, "qty": a.qty}))
             .await;
-        let orig = reserved_ids
-            .iter()
-            .find(|r| r.2["req"] == format!("cart-{pos}"))
-            .map(|r| r.0.clone());
+        let orig = Some(orig);
         match r {
             Ok(r)
                 if r.kind() == "reserved"
