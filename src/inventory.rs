@@ -18,11 +18,12 @@ mod wheel;
 #[cfg(test)]
 mod tests;
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use foldhash::quality::FoldHasher;
+use foldhash::SharedSeed;
 use parking_lot::{Mutex, MutexGuard};
 
 use rustc_hash::{FxBuildHasher, FxHasher};
@@ -49,8 +50,10 @@ pub struct Inventory {
     epoch: u32,
     idem_ttl_ms: u64,
     idem_cap: usize,
-    /// Keyed SipHash for idempotency keys (client-chosen `req`: must resist hash flooding).
-    idem_hasher: RandomState,
+    /// Keys of the idempotency hash (foldhash, keyed): drawn per `Inventory` from the OS
+    /// random source, so a client choosing `req` cannot aim collisions at the index.
+    idem_seed: u64,
+    idem_shared: SharedSeed,
     /// Current-epoch ids with a counter >= this were issued by this process since the last
     /// restore, so their shard is `counter % shards`; other ids need a scan.
     fresh_floor: AtomicU64,
@@ -111,7 +114,8 @@ impl Inventory {
             idem_ttl_ms: cfg.idempotency_ttl_ms,
             // The record ring addresses records by 32-bit sequence numbers.
             idem_cap: cfg.idempotency_cap_per_shard.clamp(1, 1 << 31),
-            idem_hasher: RandomState::new(),
+            idem_seed: rand::random(),
+            idem_shared: SharedSeed::from_u64(rand::random()),
             fresh_floor: AtomicU64::new(0),
             restored_any: AtomicBool::new(false),
             sweep_cursor: AtomicUsize::new(0),
@@ -138,26 +142,35 @@ impl Inventory {
         lock(&self.shards[self.shard_of(sku)])
     }
 
+    /// A keyed hasher for idempotency keys.
+    fn idem_hasher(&self) -> FoldHasher<'_> {
+        FoldHasher::with_seed(self.idem_seed, &self.idem_shared)
+    }
+
     fn idem_key(&self, user: &str, req: &str, sku: &str) -> IdemKey {
         // One contiguous, length-prefixed write when the parts are short (protocol ids are
-        // at most 64 chars): SipHash pays per write call, and this is on every reserve. The
-        // check hash reads the same bytes.
+        // at most 64 chars): the hashers pay per write call, and this is on every reserve.
+        // The check hash reads the same bytes.
         let mut buf = [0u8; 3 * (64 + 1)];
         match pack(&mut buf, [user, req, sku]) {
             Some(bytes) => {
-                let mut sip = self.idem_hasher.build_hasher();
-                sip.write(bytes);
+                let mut keyed = self.idem_hasher();
+                keyed.write(bytes);
                 let mut fx = FxHasher::default();
                 fx.write(bytes);
                 IdemKey {
-                    key: sip.finish(),
+                    key: keyed.finish(),
                     check: fx.finish(),
                 }
             }
-            None => IdemKey {
-                key: self.idem_hasher.hash_one((user, req, sku)),
-                check: FxBuildHasher.hash_one((user, req, sku)),
-            },
+            None => {
+                let mut keyed = self.idem_hasher();
+                (user, req, sku).hash(&mut keyed);
+                IdemKey {
+                    key: keyed.finish(),
+                    check: FxBuildHasher.hash_one((user, req, sku)),
+                }
+            }
         }
     }
 
@@ -430,7 +443,7 @@ impl Inventory {
         }
         for (sku, user, units) in state.bought {
             let g = &mut guards[self.shard_of(&sku)];
-            match g.products.get_mut(&*sku) {
+            match g.products.get_mut(&sku) {
                 Some(p) => p.users.entry(user).or_default().bought += units,
                 None => sum.skipped_rows += 1,
             }
@@ -439,12 +452,14 @@ impl Inventory {
         for res in state.reservations {
             let g = &mut guards[self.shard_of(&res.sku)];
             let qty = u64::from(res.qty);
-            let known = g.products.contains_key(&*res.sku);
-            if !known || qty == 0 || g.reservations.contains_key(&res.id.0) {
+            let known = g.products.index_of(&res.sku);
+            let Some(product) =
+                known.filter(|_| qty > 0 && !g.reservations.contains_key(&res.id.0))
+            else {
                 sum.skipped_reservations += 1;
                 continue;
-            }
-            if let Some(p) = g.products.get_mut(&*res.sku) {
+            };
+            if let Some(p) = g.products.at_mut(product) {
                 p.reserved = p.reserved.saturating_add(qty);
                 if p.tracks_held() {
                     let u: &mut UserUnits = p.users.entry(Arc::clone(&res.user)).or_default();
@@ -462,6 +477,7 @@ impl Inventory {
                     res,
                     state: State::Held,
                     idem,
+                    product,
                     wheel,
                 },
             );
@@ -485,7 +501,7 @@ impl Inventory {
             }
             let key = self.idem_key(&user, &req, &sku);
             let g = &mut guards[self.shard_of(&sku)];
-            if !g.products.contains_key(&*sku) {
+            if !g.products.contains_key(&sku) {
                 sum.skipped_rows += 1;
                 continue;
             }
@@ -516,7 +532,7 @@ impl Inventory {
         let guards = self.lock_all();
         let mut st = RestoreState::default();
         for g in &guards {
-            for (sku, p) in &g.products {
+            for (sku, p) in g.products.iter() {
                 st.products.push(RestoredProduct {
                     sku: Arc::clone(sku),
                     spec: p.spec,

@@ -55,6 +55,8 @@ pub(crate) struct Entry {
     pub state: State,
     /// The key of its idempotency record.
     pub idem: IdemKey,
+    /// Its product's index in the shard's `Products`.
+    pub product: u32,
     /// Its place in the expiry wheel: `Some` exactly while Held.
     pub wheel: Option<Pos>,
 }
@@ -170,6 +172,70 @@ impl Product {
     }
 }
 
+/// A shard's products: a `Vec` (so a reservation can name its product by index and the
+/// `finish_*` calls need no SKU lookup) and a map from SKU to index. Products are never
+/// removed one by one (only a restore resets the whole shard), so an index stays valid for
+/// the life of the shard.
+#[derive(Default)]
+pub(crate) struct Products {
+    index: FxHashMap<Arc<str>, u32>,
+    list: Vec<(Arc<str>, Product)>,
+}
+
+impl Products {
+    pub(crate) fn index_of(&self, sku: &str) -> Option<u32> {
+        self.index.get(sku).copied()
+    }
+
+    pub(crate) fn get(&self, sku: &str) -> Option<&Product> {
+        let i = self.index_of(sku)?;
+        self.list.get(i as usize).map(|(_, p)| p)
+    }
+
+    pub(crate) fn get_mut(&mut self, sku: &str) -> Option<&mut Product> {
+        let i = self.index_of(sku)?;
+        self.at_mut(i)
+    }
+
+    /// The product at `index` (from `index_of` or a reservation's `Entry::product`).
+    pub(crate) fn at_mut(&mut self, index: u32) -> Option<&mut Product> {
+        self.list.get_mut(index as usize).map(|(_, p)| p)
+    }
+
+    /// The index and product of `sku`.
+    pub(crate) fn find_mut(&mut self, sku: &str) -> Option<(u32, &mut Product)> {
+        let i = self.index_of(sku)?;
+        self.at_mut(i).map(|p| (i, p))
+    }
+
+    pub(crate) fn contains_key(&self, sku: &str) -> bool {
+        self.index.contains_key(sku)
+    }
+
+    /// Adds `sku`, or replaces its product (keeping its index) and returns the old one.
+    pub(crate) fn insert(&mut self, sku: Arc<str>, p: Product) -> Option<Product> {
+        if let Some(i) = self.index_of(&sku) {
+            return self
+                .list
+                .get_mut(i as usize)
+                .map(|slot| std::mem::replace(&mut slot.1, p));
+        }
+        // At most one product per upsert; 2^32 products in one shard is far beyond memory.
+        let i = u32::try_from(self.list.len()).unwrap_or(u32::MAX);
+        self.index.insert(Arc::clone(&sku), i);
+        self.list.push((sku, p));
+        None
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &Product)> {
+        self.list.iter().map(|(s, p)| (s, p))
+    }
+
+    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = (&Arc<str>, &mut Product)> {
+        self.list.iter_mut().map(|(s, p)| (&*s, p))
+    }
+}
+
 /// An idempotency key: two independent 64-bit hashes of (user, req, sku). `key` is keyed
 /// SipHash (the table key: a client cannot aim collisions at it); `check` is a second hash
 /// (rustc-hash) stored in the record. A record keeps no strings, so evicting it touches
@@ -193,7 +259,7 @@ pub(crate) struct Shard {
     /// The next id of this shard has counter `next_k * nshards + index`, so the shard of a
     /// current-epoch id is `counter % nshards` (no scan, no index map).
     pub next_k: u64,
-    pub products: FxHashMap<Arc<str>, Product>,
+    pub products: Products,
     pub reservations: FxHashMap<u64, Entry>,
     /// (expires_at, id) of exactly the Held reservations, in a timing wheel.
     pub wheel: Wheel,
@@ -207,7 +273,7 @@ impl Shard {
             index: index as u64,
             nshards: nshards as u64,
             next_k: 0,
-            products: FxHashMap::default(),
+            products: Products::default(),
             reservations: FxHashMap::default(),
             wheel: Wheel::new(),
             idem: IdemTable::new(),
@@ -228,7 +294,7 @@ impl Shard {
         idem_cap: usize,
     ) -> Result<ReserveOutcome, InvError> {
         // Disjoint field borrows: the product stays borrowed while the other maps are used.
-        let Some(product) = self.products.get_mut(&*r.sku) else {
+        let Some((pidx, product)) = self.products.find_mut(&r.sku) else {
             return Err(InvError::UnknownSku);
         };
         if let Some(rec) = self.idem.get(idem_key.key) {
@@ -301,6 +367,7 @@ impl Shard {
                 res,
                 state: State::Pending,
                 idem: idem_key,
+                product: pidx,
                 wheel: None,
             },
         );
@@ -368,7 +435,7 @@ impl Shard {
         let Some(e) = self.reservations.remove(&id.0) else {
             return Err(InvError::NotFound);
         };
-        if let Some(p) = self.products.get_mut(&*e.res.sku) {
+        if let Some(p) = self.products.at_mut(e.product) {
             p.give_back(&e.res.user, u64::from(e.res.qty));
         }
         self.idem.remove(e.idem.key, id);
@@ -438,7 +505,7 @@ impl Shard {
         };
         // Not Held, so not in the wheel.
         let qty = u64::from(e.res.qty);
-        if let Some(p) = self.products.get_mut(&*e.res.sku) {
+        if let Some(p) = self.products.at_mut(e.product) {
             if sold {
                 p.sell(&e.res.user, qty);
             } else {
