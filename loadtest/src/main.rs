@@ -44,13 +44,15 @@ enum Scenario {
     Probe(probe::Args),
 }
 
+/// Connections a run opens at once, from the same defaults the scenario uses: checked against
+/// the connection cap and RLIMIT_NOFILE, and used to pick the number of source addresses.
 fn conns(s: &Scenario, smoke: bool) -> usize {
     match s {
-        Scenario::Fanout(a) => a.viewers.unwrap_or(1000) + a.rooms.unwrap_or(4),
+        Scenario::Fanout(a) => fanout::connections(a, smoke),
         Scenario::Rush(a) => rush::sizes(a, smoke).0 + 1,
-        Scenario::Checkout(a) => a.viewers.unwrap_or(1000) + 1,
-        Scenario::Soak(a) => a.viewers.unwrap_or(500) + 1,
-        Scenario::Idle(a) => a.connections.unwrap_or(5000) + 1,
+        Scenario::Checkout(a) => checkout::buyers(a, smoke) + 1,
+        Scenario::Soak(a) => soak::sizes(a, smoke).0 + 1,
+        Scenario::Idle(a) => idle::connections(a, smoke) + 1,
         Scenario::Probe(_) => 8,
     }
 }

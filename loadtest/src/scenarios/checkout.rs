@@ -44,8 +44,13 @@ struct Outcome {
     last_confirm: Option<Instant>,
 }
 
+/// Buyers, after the default.
+pub fn buyers(a: &Args, smoke: bool) -> usize {
+    a.viewers.unwrap_or(if smoke { 100 } else { 1000 })
+}
+
 pub async fn run(ctx: &Ctx, _common: &Common, a: &Args, report: &mut Report) -> Result<()> {
-    let n = a.viewers.unwrap_or(if ctx.smoke { 100 } else { 1000 });
+    let n = buyers(a, ctx.smoke);
     let room = format!("co-{}", ctx.run_id);
     let sku = format!("{room}-sku");
     let price = 2500i64;

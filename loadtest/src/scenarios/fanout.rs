@@ -287,6 +287,25 @@ fn plans(ctx: &Ctx, rooms: usize, products: usize, events: usize) -> Vec<Arc<Roo
         .collect()
 }
 
+/// Viewers and rooms, after the defaults.
+pub fn sizes(a: &Args, smoke: bool) -> (usize, usize) {
+    let viewers = a.viewers.unwrap_or(if smoke { 60 } else { 1000 });
+    let rooms = a.rooms.unwrap_or(if smoke { 2 } else { 4 }).max(1);
+    (viewers, rooms)
+}
+
+/// Anchor connections per room: ceil(rate / 15), to stay under the per-connection command
+/// limit (20/s). `--rate` above 1000 is refused later; here it counts as 1000.
+fn anchors_per_room(rate: f64) -> usize {
+    (rate.min(1000.0) / 15.0).ceil().max(1.0) as usize
+}
+
+/// Connections the livegate phase opens: the viewers and every room's anchors.
+pub fn connections(a: &Args, smoke: bool) -> usize {
+    let (viewers, rooms) = sizes(a, smoke);
+    viewers + rooms * anchors_per_room(a.rate)
+}
+
 /// Viewer i watches room i mod `rooms`.
 fn viewer_states(viewers: usize, rooms: usize) -> Vec<Arc<Viewer>> {
     (0..viewers)
@@ -350,8 +369,7 @@ where
 }
 
 pub async fn run(ctx: &Ctx, common: &Common, a: &Args, report: &mut Report) -> Result<()> {
-    let viewers = a.viewers.unwrap_or(if ctx.smoke { 60 } else { 1000 });
-    let rooms = a.rooms.unwrap_or(if ctx.smoke { 2 } else { 4 }).max(1);
+    let (viewers, rooms) = sizes(a, ctx.smoke);
     let dur = duration(common, 8, 30)?;
     if a.rate <= 0.0 || a.rate > 1000.0 {
         bail!("--rate must be in (0, 1000]");
@@ -413,7 +431,7 @@ async fn livegate_phase(
     // The per-connection command limit (20/s sustained) applies to anchors too: each room gets
     // ceil(rate / 15) anchor connections used round-robin. The next event is sent only after
     // the previous one's `ack`, so the order is kept across connections.
-    let per_room = (a.rate / 15.0).ceil().max(1.0) as usize;
+    let per_room = anchors_per_room(a.rate);
     let mut anchors: Vec<Vec<Arc<crate::client::Client>>> = Vec::new();
     for (r, plan) in plans.iter().enumerate() {
         let mut conns = Vec::new();

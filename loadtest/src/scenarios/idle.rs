@@ -24,8 +24,13 @@ pub struct Args {
     pub join: bool,
 }
 
+/// Idle connections, after the default.
+pub fn connections(a: &Args, smoke: bool) -> usize {
+    a.connections.unwrap_or(if smoke { 300 } else { 5000 })
+}
+
 pub async fn run(ctx: &Ctx, common: &Common, a: &Args, report: &mut Report) -> Result<()> {
-    let n = a.connections.unwrap_or(if ctx.smoke { 300 } else { 5000 });
+    let n = connections(a, ctx.smoke);
     let pid = ctx
         .server_pid
         .context("idle needs the server pid: --server-pid PID or --spawn")?;

@@ -60,9 +60,15 @@ impl Counters {
     }
 }
 
+/// Viewers and rooms, after the defaults.
+pub fn sizes(a: &Args, smoke: bool) -> (usize, usize) {
+    let n = a.viewers.unwrap_or(if smoke { 40 } else { 500 });
+    let rooms = a.rooms.unwrap_or(if smoke { 2 } else { 4 }).max(1);
+    (n, rooms)
+}
+
 pub async fn run(ctx: &Ctx, common: &Common, a: &Args, report: &mut Report) -> Result<()> {
-    let n = a.viewers.unwrap_or(if ctx.smoke { 40 } else { 500 });
-    let rooms = a.rooms.unwrap_or(if ctx.smoke { 2 } else { 4 }).max(1);
+    let (n, rooms) = sizes(a, ctx.smoke);
     let dur = duration(common, 20, 120)?;
     report.data("params", json!({"viewers": n, "rooms": rooms, "duration_s": dur.as_secs(), "action_ms": a.action_ms, "stay_s": a.stay_s}));
     let room_ids: Vec<String> = (0..rooms)
