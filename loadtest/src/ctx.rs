@@ -106,7 +106,6 @@ impl Spawned {
 pub struct Ctx {
     pub dialer: Dialer,
     pub minter: Minter,
-    pub http: SocketAddr,
     pub redis_url: String,
     pub key_prefix: String,
     pub server_pid: Option<u32>,
@@ -186,7 +185,6 @@ impl Ctx {
                 None,
             )
         };
-        let http = target.addr;
         Ok((
             Ctx {
                 dialer: Dialer {
@@ -196,7 +194,6 @@ impl Ctx {
                     reply_timeout: Duration::from_secs(c.reply_timeout),
                 },
                 minter: Minter::new(&secret),
-                http,
                 redis_url,
                 key_prefix,
                 server_pid: pid,
@@ -308,6 +305,11 @@ impl Ctx {
             };
             Ok((c, joined))
         }
+    }
+
+    /// The gateway's HTTP address (the same listener as the WebSocket).
+    pub fn http(&self) -> SocketAddr {
+        self.dialer.target.addr
     }
 
     pub fn redis_key(&self, suffix: &str) -> String {

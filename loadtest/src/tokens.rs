@@ -30,13 +30,17 @@ impl Minter {
         }
     }
 
+    /// A token that expires an hour from now.
     fn mint(&self, sub: &str, role: &str, rooms: Option<&[String]>) -> Result<String> {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+        self.sign(sub, role, rooms, now()? + 3600)
+    }
+
+    fn sign(&self, sub: &str, role: &str, rooms: Option<&[String]>, exp: u64) -> Result<String> {
         let claims = Claims {
             sub,
             role,
             rooms,
-            exp: now + 3600,
+            exp,
         };
         encode(&Header::default(), &claims, &self.key).context("signing token")
     }
@@ -55,13 +59,11 @@ impl Minter {
 
     /// A viewer token that expired an hour ago (for the probe).
     pub fn expired_viewer(&self, sub: &str) -> Result<String> {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-        let claims = Claims {
-            sub,
-            role: "viewer",
-            rooms: None,
-            exp: now - 3600,
-        };
-        encode(&Header::default(), &claims, &self.key).context("signing token")
+        self.sign(sub, "viewer", None, now()? - 3600)
     }
+}
+
+/// Seconds since the Unix epoch.
+fn now() -> Result<u64> {
+    Ok(SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs())
 }

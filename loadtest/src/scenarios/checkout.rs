@@ -255,7 +255,7 @@ pub async fn run(ctx: &Ctx, _common: &Common, a: &Args, report: &mut Report) -> 
     let deadline = Instant::now() + Duration::from_secs(15);
     let mut stats;
     loop {
-        match crate::net::http_get(ctx.http, &path, Some(&admin)).await {
+        match crate::net::http_get(ctx.http(), &path, Some(&admin)).await {
             Ok((200, body)) => stats = serde_json::from_str(&body).unwrap_or(Value::Null),
             Ok((code, body)) => stats = json!({"http_status": code, "body": body}),
             Err(e) => stats = json!({"error": e.to_string()}),

@@ -496,7 +496,8 @@ pub async fn run(ctx: &Ctx, _common: &Common, _a: &Args, report: &mut Report) ->
     k.error("add_to_cart in a closed room", &r, "room_closed", None);
 
     // HTTP API.
-    let (st, body) = crate::net::http_get(ctx.http, &format!("/api/v1/rooms/{room}"), None).await?;
+    let (st, body) =
+        crate::net::http_get(ctx.http(), &format!("/api/v1/rooms/{room}"), None).await?;
     let b: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
     k.check(
         "GET /api/v1/rooms/{room}",
@@ -505,10 +506,10 @@ pub async fn run(ctx: &Ctx, _common: &Common, _a: &Args, report: &mut Report) ->
         format!("{st} {body}"),
     );
     let (st, body) =
-        crate::net::http_get(ctx.http, &format!("/api/v1/rooms/probe-{id}-nope"), None).await?;
+        crate::net::http_get(ctx.http(), &format!("/api/v1/rooms/probe-{id}-nope"), None).await?;
     k.check("GET unknown room", st == 404, "404", format!("{st} {body}"));
     let (st, body) =
-        crate::net::http_get(ctx.http, &format!("/api/v1/rooms/{room}/stats"), None).await?;
+        crate::net::http_get(ctx.http(), &format!("/api/v1/rooms/{room}/stats"), None).await?;
     k.check(
         "stats without token",
         st == 401,
@@ -516,8 +517,12 @@ pub async fn run(ctx: &Ctx, _common: &Common, _a: &Args, report: &mut Report) ->
         format!("{st} {body}"),
     );
     let vt = ctx.minter.viewer("someone")?;
-    let (st, body) =
-        crate::net::http_get(ctx.http, &format!("/api/v1/rooms/{room}/stats"), Some(&vt)).await?;
+    let (st, body) = crate::net::http_get(
+        ctx.http(),
+        &format!("/api/v1/rooms/{room}/stats"),
+        Some(&vt),
+    )
+    .await?;
     k.check(
         "stats with a viewer token",
         st == 403,
@@ -525,7 +530,7 @@ pub async fn run(ctx: &Ctx, _common: &Common, _a: &Args, report: &mut Report) ->
         format!("{st} {body}"),
     );
     let (st, body) = crate::net::http_get(
-        ctx.http,
+        ctx.http(),
         &format!("/api/v1/rooms/{room}/stats"),
         Some(&anchor_tok),
     )
@@ -547,7 +552,7 @@ pub async fn run(ctx: &Ctx, _common: &Common, _a: &Args, report: &mut Report) ->
         format!("{st} {body}"),
     );
     for p in ["/healthz", "/readyz", "/metrics"] {
-        let (st, _) = crate::net::http_get(ctx.http, p, None).await?;
+        let (st, _) = crate::net::http_get(ctx.http(), p, None).await?;
         k.check(&format!("GET {p}"), st == 200, "200", st);
     }
 
