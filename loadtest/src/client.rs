@@ -262,16 +262,20 @@ impl Client {
         Ok(r)
     }
 
-    /// Closes with 1000.
+    /// Closes with 1000; gives up after 5 s (a server that stopped reading must not hold
+    /// the end of a run).
     pub async fn close(&self) {
-        let mut sink = self.sink.lock().await;
-        let _ = sink
-            .send(Message::Close(Some(CloseFrame {
-                code: CloseCode::Normal,
-                reason: "".into(),
-            })))
-            .await;
-        let _ = sink.close().await;
+        let close = async {
+            let mut sink = self.sink.lock().await;
+            let _ = sink
+                .send(Message::Close(Some(CloseFrame {
+                    code: CloseCode::Normal,
+                    reason: "".into(),
+                })))
+                .await;
+            let _ = sink.close().await;
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), close).await;
     }
 }
 
