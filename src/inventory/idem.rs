@@ -134,6 +134,30 @@ impl IdemTable {
         });
     }
 
+    /// Adds a record made at `at` for a `key` that has none (the caller just saw `get`
+    /// answer `None` under the same lock): like `insert`, without looking for an old one.
+    pub(crate) fn insert_new(&mut self, key: u64, rec: IdemRec, at: u64, cap: usize) {
+        while self.ring.len() >= cap.max(1) {
+            self.pop();
+        }
+        if (self.ring.len() + 1) * 2 > self.index.len() {
+            self.grow();
+        }
+        let seq = self.base + self.ring.len() as u64;
+        let t = tag(key);
+        let mut i = self.home(t);
+        while self.index[i] != 0 {
+            i = (i + 1) & self.mask();
+        }
+        self.index[i] = (t << 32) | (seq & 0xffff_ffff);
+        self.ring.push_back(Slot {
+            key,
+            at,
+            rec,
+            live: true,
+        });
+    }
+
     /// Forgets `key`'s record if it is the one of reservation `id`.
     pub(crate) fn remove(&mut self, key: u64, id: ResId) {
         let Some(i) = self.find(key) else {

@@ -376,7 +376,8 @@ impl Shard {
             check: idem_key.check,
             ended: false,
         };
-        self.insert_idem(idem_key.key, rec, r.now, idem_cap);
+        // `get` found no record of this key above, and nothing since added one.
+        self.idem.insert_new(idem_key.key, rec, r.now, idem_cap);
         Ok(ReserveOutcome::New(out))
     }
 
@@ -450,7 +451,7 @@ impl Shard {
         to: State,
     ) -> Result<Reservation, InvError> {
         let e = self.entry(id)?;
-        if user.is_some_and(|u| *e.res.user != *u) {
+        if user.is_some_and(|u| !same_str(&e.res.user, u)) {
             return Err(InvError::NotFound);
         }
         if e.state != State::Held {
@@ -576,6 +577,12 @@ impl Shard {
         }
         self.wheel.swept_all(&plan);
     }
+}
+
+/// `a == b`, without comparing bytes when both are the same string in memory (the gateway
+/// usually passes the session's own `Arc<str>` of the user).
+fn same_str(a: &str, b: &str) -> bool {
+    (std::ptr::eq(a.as_ptr(), b.as_ptr()) && a.len() == b.len()) || a == b
 }
 
 fn alloc_id(next_k: &mut u64, index: u64, nshards: u64, epoch: u32) -> Result<ResId, InvError> {

@@ -756,7 +756,12 @@ fn idem_table_matches_map_and_fifo() {
                         check: key ^ 1,
                         ended: false,
                     };
-                    t.insert(key, rec, now, cap);
+                    // The reserve path uses `insert_new` when `get` found nothing.
+                    if t.get(key).is_none() {
+                        t.insert_new(key, rec, now, cap);
+                    } else {
+                        t.insert(key, rec, now, cap);
+                    }
                     map.insert(key, (id, false));
                     fifo.push_back((now, key, id));
                     while fifo.len() > cap {
