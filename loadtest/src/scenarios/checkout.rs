@@ -44,6 +44,11 @@ struct Outcome {
     last_confirm: Option<Instant>,
 }
 
+/// Counts one failed step under its error code (or "no reply: …").
+fn count(errors: &mut BTreeMap<String, usize>, what: String) {
+    *errors.entry(what).or_default() += 1;
+}
+
 /// Buyers, after the default.
 pub fn buyers(a: &Args, smoke: bool) -> usize {
     a.viewers.unwrap_or(if smoke { 100 } else { 1000 })
@@ -111,20 +116,15 @@ pub async fn run(ctx: &Ctx, _common: &Common, a: &Args, report: &mut Report) -> 
             {
                 Ok(r) => r,
                 Err(e) => {
-                    *out.lock()
-                        .unwrap()
-                        .reserve_errors
-                        .entry(format!("no reply: {e}"))
-                        .or_default() += 1;
+                    count(
+                        &mut out.lock().unwrap().reserve_errors,
+                        format!("no reply: {e}"),
+                    );
                     return;
                 }
             };
             if let Some(code) = r.error_code() {
-                *out.lock()
-                    .unwrap()
-                    .reserve_errors
-                    .entry(code.to_string())
-                    .or_default() += 1;
+                count(&mut out.lock().unwrap().reserve_errors, code.to_string());
                 return;
             }
             let start = r.sent;
@@ -136,17 +136,16 @@ pub async fn run(ctx: &Ctx, _common: &Common, a: &Args, report: &mut Report) -> 
             {
                 Ok(r) => r,
                 Err(e) => {
-                    *out.lock()
-                        .unwrap()
-                        .checkout_errors
-                        .entry(format!("no reply: {e}"))
-                        .or_default() += 1;
+                    count(
+                        &mut out.lock().unwrap().checkout_errors,
+                        format!("no reply: {e}"),
+                    );
                     return;
                 }
             };
             if co.kind() != "order_accepted" {
                 let code = co.error_code().unwrap_or("unexpected reply").to_string();
-                *out.lock().unwrap().checkout_errors.entry(code).or_default() += 1;
+                count(&mut out.lock().unwrap().checkout_errors, code);
                 return;
             }
             record(&mut hists.lock().unwrap()[1], co.latency);
