@@ -91,6 +91,15 @@ pub async fn run(
     report: &mut Report,
 ) -> Result<Outcome> {
     let (n, stock) = sizes(a, ctx.smoke);
+    // Checked before anyone connects: when to SIGKILL the gateway, and its pid.
+    let kill = match a.kill_after_ms {
+        Some(ms) => Some((
+            ms,
+            ctx.server_pid
+                .context("--kill-after-ms needs --spawn or --server-pid")?,
+        )),
+        None => None,
+    };
     let room = format!("rush-{}-{label}", ctx.run_id);
     let sku = format!("{room}-sku");
     let price = 1999i64;
@@ -172,16 +181,9 @@ pub async fn run(
         }));
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let kill_pid = match a.kill_after_ms {
-        Some(_) => Some(
-            ctx.server_pid
-                .context("--kill-after-ms needs --spawn or --server-pid")?,
-        ),
-        None => None,
-    };
     let go_at = Instant::now();
     let _ = go_tx.send(true);
-    if let (Some(ms), Some(pid)) = (a.kill_after_ms, kill_pid) {
+    if let Some((ms, pid)) = kill {
         tokio::time::sleep(Duration::from_millis(ms)).await;
         if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
             rustix::process::kill_process(pid, rustix::process::Signal::KILL)
@@ -189,7 +191,7 @@ pub async fn run(
         }
         report.row(&format!("{label} gateway SIGKILLed after go (ms)"), ms);
     }
-    let killed = a.kill_after_ms.is_some();
+    let killed = kill.is_some();
     let pb = ctx.progress(tasks.len() as u64, "add_to_cart");
     let mut answers = Vec::with_capacity(tasks.len());
     for (i, t) in tasks.into_iter().enumerate() {
