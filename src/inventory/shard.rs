@@ -237,7 +237,8 @@ impl Products {
 }
 
 /// An idempotency key: two independent 64-bit hashes of (user, req, sku). `key` is keyed
-/// SipHash (the table key: a client cannot aim collisions at it); `check` is a second hash
+/// foldhash with seeds from the OS random source (the table key: a client that does not
+/// know the seeds cannot aim collisions at it); `check` is a second hash
 /// (rustc-hash) stored in the record. A record keeps no strings, so evicting it touches
 /// nothing else; a false match needs both to collide (about N^2 / 2^129).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
