@@ -429,7 +429,9 @@ impl OrderStore {
                 pool = pool.max_connections(4);
             }
             let pool = pool.connect_with(opts).await?;
-            sqlx::migrate!("./src/store/migrations/sqlite").run(&pool).await?;
+            sqlx::migrate!("./src/store/migrations/sqlite")
+                .run(&pool)
+                .await?;
             Backend::Sqlite(pool)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let pool = PgPoolOptions::new()
@@ -437,7 +439,9 @@ impl OrderStore {
                 .acquire_timeout(ACQUIRE_TIMEOUT)
                 .connect(url)
                 .await?;
-            sqlx::migrate!("./src/store/migrations/postgres").run(&pool).await?;
+            sqlx::migrate!("./src/store/migrations/postgres")
+                .run(&pool)
+                .await?;
             Backend::Postgres(pool)
         } else {
             return Err(StoreError::UnsupportedUrl(redact(url)));
