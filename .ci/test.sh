@@ -17,7 +17,10 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
-cargo test --workspace --locked -- --test-threads=2
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+# Unit, integration and CLI tests of every crate (the crates have no doc examples).
+cargo test --workspace --locked --lib --bins --tests -- --test-threads=2 2>&1 | tee "$log"
 
 # Smoke runs of the load-test harness against a real gateway and a real Redis it starts
 # itself: they fail on a broken invariant (oversell, lost confirmation, missing delivery),
@@ -27,3 +30,7 @@ for scenario in fanout rush checkout; do
   cargo run --locked -q -p livegate-loadtest -- "$scenario" --smoke --spawn --quiet \
     --gateway-bin target/debug/livegate
 done
+
+# One closing line over every test binary: `N passed, N failed`.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
