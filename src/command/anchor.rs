@@ -150,15 +150,8 @@ pub async fn upsert_product(
     let k = &app.keys;
     let mut cmds = Vec::with_capacity(5);
     let mut hset = redis::cmd("HSET");
-    hset.arg(k.product(&p.sku))
-        .arg("title")
-        .arg(&p.title)
-        .arg("price_cents")
-        .arg(spec.price_cents)
-        .arg("limit_per_user")
-        .arg(spec.limit_per_user)
-        .arg("ttl_s")
-        .arg(spec.ttl_s);
+    hset.arg(k.product(&p.sku));
+    product_fields(&mut hset, &p.title, &spec);
     cmds.push(hset);
     if existing.is_none() {
         let mut init = redis::cmd("HSET");
@@ -173,20 +166,9 @@ pub async fn upsert_product(
         cmds.push(sadd);
     }
     let mut xadd = crate::commit::event(k, "product");
-    xadd.arg("sku")
-        .arg(&p.sku)
-        .arg("room")
-        .arg(&room)
-        .arg("title")
-        .arg(&p.title)
-        .arg("price_cents")
-        .arg(spec.price_cents)
-        .arg("limit_per_user")
-        .arg(spec.limit_per_user)
-        .arg("ttl_s")
-        .arg(spec.ttl_s)
-        .arg("stocked")
-        .arg(stocked);
+    xadd.arg("sku").arg(&p.sku).arg("room").arg(&room);
+    product_fields(&mut xadd, &p.title, &spec);
+    xadd.arg("stocked").arg(stocked);
     cmds.push(xadd);
     if !on_shelf {
         let mut shelf = summary.shelf.clone();
@@ -215,6 +197,18 @@ pub async fn upsert_product(
     app.hub.set_product(&p.sku, info, Some(&room));
     r.apply(RoomChange::ShelfProduct { sku: p.sku }).await?;
     ack(req)
+}
+
+/// The fields a product shares between its hash and its `product` event (docs/redis.md).
+fn product_fields(cmd: &mut redis::Cmd, title: &str, spec: &ProductSpec) {
+    cmd.arg("title")
+        .arg(title)
+        .arg("price_cents")
+        .arg(spec.price_cents)
+        .arg("limit_per_user")
+        .arg(spec.limit_per_user)
+        .arg("ttl_s")
+        .arg(spec.ttl_s);
 }
 
 pub async fn restock(
