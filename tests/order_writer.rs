@@ -579,20 +579,7 @@ async fn poison_entries_go_to_dead_letters_and_the_writer_goes_on(db: Db) {
         ],
     )
     .await;
-    xadd_order(&mut conn, &w.keys, 2, "").await;
-    let run = spawn(w.writer("w", Duration::from_secs(30)).await);
-    wait_stored(&w, &mut conn, 2).await;
-    xadd_order(&mut conn, &w.keys, 3, "").await;
-    wait_stored(&w, &mut conn, 3).await;
-    run.stop().await;
-
-    let dead: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-        .arg(w.keys.dead_letters())
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn)
-        .await
-        .expect("xrange dead");
+    let dead = store_past_poison(&w, &mut conn).await;
     assert_eq!(dead.len(), 2, "{dead:?}");
     let field = |e: &(String, Vec<(String, String)>), k: &str| {
         e.1.iter()
@@ -650,19 +637,7 @@ async fn an_order_the_store_refuses_is_dead_lettered(db: Db) {
         ],
     )
     .await;
-    xadd_order(&mut conn, &w.keys, 2, "").await;
-    let run = spawn(w.writer("w", Duration::from_secs(30)).await);
-    wait_stored(&w, &mut conn, 2).await;
-    xadd_order(&mut conn, &w.keys, 3, "").await;
-    wait_stored(&w, &mut conn, 3).await;
-    run.stop().await;
-    let dead: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-        .arg(w.keys.dead_letters())
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn)
-        .await
-        .expect("xrange dead");
+    let dead = store_past_poison(&w, &mut conn).await;
     assert_eq!(dead.len(), 1, "{dead:?}");
     let fields: std::collections::HashMap<_, _> = dead[0].1.iter().cloned().collect();
     assert_eq!(fields.get("source_id"), Some(&big));
@@ -877,14 +852,11 @@ async fn trimming_never_drops_an_unacknowledged_entry(db: Db) {
     .await;
     let stream_ids = |conn: MultiplexedConnection, keys: Keys| async move {
         let mut conn = conn;
-        let v: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-            .arg(keys.events())
-            .arg("-")
-            .arg("+")
-            .query_async(&mut conn)
+        stream_entries(&mut conn, &keys.events())
             .await
-            .expect("xrange");
-        v.into_iter().map(|e| e.0).collect::<Vec<String>>()
+            .into_iter()
+            .map(|e| e.0)
+            .collect::<Vec<String>>()
     };
     let c = conn.clone();
     let keys = w.keys.clone();
@@ -1077,4 +1049,34 @@ async fn run_consumes_with_the_process_configuration() {
     .expect("fails fast");
     assert!(res.is_err());
     w.finish().await;
+}
+
+/// Every entry of a stream: (id, fields).
+async fn stream_entries(
+    conn: &mut MultiplexedConnection,
+    key: &str,
+) -> Vec<(String, Vec<(String, String)>)> {
+    redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .query_async(conn)
+        .await
+        .expect("xrange")
+}
+
+/// With a poison entry already in the stream: adds good orders 2 and 3 around a writer run,
+/// waits until both are stored (the poison did not stop the writer), and returns the
+/// dead-letter stream.
+async fn store_past_poison(
+    w: &World,
+    conn: &mut MultiplexedConnection,
+) -> Vec<(String, Vec<(String, String)>)> {
+    xadd_order(conn, &w.keys, 2, "").await;
+    let run = spawn(w.writer("w", Duration::from_secs(30)).await);
+    wait_stored(w, conn, 2).await;
+    xadd_order(conn, &w.keys, 3, "").await;
+    wait_stored(w, conn, 3).await;
+    run.stop().await;
+    stream_entries(conn, &w.keys.dead_letters()).await
 }
