@@ -5,6 +5,8 @@
 //! routes replies to the waiting request by `req`, and hands every other message (room
 //! broadcasts, unsolicited `released` / `order_confirmed`) with its receive instant to a
 //! per-connection handler, so scenarios measure latency on one in-process monotonic clock.
+//! [`Dialer::handshake`] stops after `hello` and hands the socket over, for scenarios that
+//! drive it themselves.
 
 use crate::net::{Sources, Target};
 use anyhow::{anyhow, bail, Context, Result};
@@ -80,9 +82,15 @@ pub struct Client {
 }
 
 impl Dialer {
-    /// Connects with `token`, waits for `hello`, and starts the reader task.
-    /// `i` picks the source address.
-    pub async fn connect(&self, i: usize, token: &str, handler: Handler) -> Result<Arc<Client>> {
+    /// The WebSocket handshake with `token` (checking the chosen subprotocol) up to the
+    /// `hello` message, with the WebSocket settings `config`; returns the socket and `hello`.
+    /// For scenarios that drive the socket themselves (`rush --sustain-secs`).
+    pub async fn handshake(
+        &self,
+        i: usize,
+        token: &str,
+        config: tokio_tungstenite::tungstenite::protocol::WebSocketConfig,
+    ) -> Result<(WebSocketStream<TcpStream>, Value)> {
         let stream = self.sources.connect(i, self.target.addr).await?;
         let sep = if self.target.path.contains('?') {
             '&'
@@ -98,9 +106,9 @@ impl Dialer {
             "Sec-WebSocket-Protocol",
             HeaderValue::from_static(self.encoding.subprotocol()),
         );
-        let (ws, resp) = tokio::time::timeout(
+        let (mut ws, resp) = tokio::time::timeout(
             Duration::from_secs(10),
-            tokio_tungstenite::client_async_with_config(req, stream, Some(crate::net::ws_config())),
+            tokio_tungstenite::client_async_with_config(req, stream, Some(config)),
         )
         .await
         .context("WebSocket handshake timed out")?
@@ -116,21 +124,28 @@ impl Dialer {
                 self.encoding.subprotocol()
             );
         }
-        let (sink, mut stream) = ws.split();
-        let encoding = self.encoding;
         // The first message must be hello.
         let hello = loop {
-            let msg = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
                 .await
                 .context("no hello within 10 s")?
                 .context("closed before hello")??;
-            if let Some(v) = decode(&msg, encoding)? {
+            if let Some(v) = decode(&msg, self.encoding)? {
                 break v;
             }
         };
         if hello["type"] != "hello" {
             bail!("first server message is not hello: {hello}");
         }
+        Ok((ws, hello))
+    }
+
+    /// Connects with `token`, waits for `hello`, and starts the reader task.
+    /// `i` picks the source address.
+    pub async fn connect(&self, i: usize, token: &str, handler: Handler) -> Result<Arc<Client>> {
+        let (ws, hello) = self.handshake(i, token, crate::net::ws_config()).await?;
+        let (sink, mut stream) = ws.split();
+        let encoding = self.encoding;
         let pending: Pending = Arc::default();
         let closed = Arc::new(AtomicBool::new(false));
         let client = Arc::new(Client {

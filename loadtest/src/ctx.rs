@@ -58,6 +58,12 @@ pub struct Common {
     /// Gateway binary for --spawn [default: target/release/livegate, else target/debug/livegate].
     #[arg(long, global = true)]
     pub gateway_bin: Option<PathBuf>,
+    /// With --spawn: pin the gateway to these CPUs (a `taskset -c` list, e.g. 1 or 0-1).
+    #[arg(long, global = true)]
+    pub gateway_cpus: Option<String>,
+    /// With --spawn: pin redis-server to these CPUs (a `taskset -c` list).
+    #[arg(long, global = true)]
+    pub redis_cpus: Option<String>,
     /// Wire encoding (subprotocol livegate.v1.json or livegate.v1.msgpack).
     #[arg(long, global = true, value_enum, default_value = "json")]
     pub encoding: Encoding,
@@ -109,6 +115,8 @@ pub struct Ctx {
     pub redis_url: String,
     pub key_prefix: String,
     pub server_pid: Option<u32>,
+    /// Pid of the spawned redis-server (None for an external Redis).
+    pub redis_pid: Option<u32>,
     pub order_db: Option<PathBuf>,
     /// Unique per run: prefixes room, SKU and user ids so runs never collide.
     pub run_id: String,
@@ -134,17 +142,24 @@ impl Ctx {
         }
         let target = Target::parse(&c.url)?;
         let sources = Sources::for_connections(conns, c.source_addrs);
-        let (target, secret, redis_url, key_prefix, pid, order_db, spawned) = if c.spawn {
+        if !c.spawn && (c.gateway_cpus.is_some() || c.redis_cpus.is_some()) {
+            bail!("--gateway-cpus and --redis-cpus need --spawn");
+        }
+        let (target, secret, redis_url, key_prefix, pid, redis_pid, order_db, spawned) = if c.spawn
+        {
             let dir = spawn::temp_dir("run")?;
             let bin = spawn::gateway_bin(c.gateway_bin.as_deref())?;
-            let redis = Redis::start(&dir).await?;
-            let gateway = match Gateway::start(&bin, &dir, &redis.url, extra_env).await {
-                Ok(g) => g,
-                Err(e) => {
-                    redis.stop().await;
-                    return Err(e);
-                }
-            };
+            let redis = Redis::start(&dir, c.redis_cpus.as_deref()).await?;
+            let gateway =
+                match Gateway::start(&bin, &dir, &redis.url, extra_env, c.gateway_cpus.as_deref())
+                    .await
+                {
+                    Ok(g) => g,
+                    Err(e) => {
+                        redis.stop().await;
+                        return Err(e);
+                    }
+                };
             if !c.quiet {
                 eprintln!(
                     "spawned {} on {} (pid {}), redis {}, logs in {}",
@@ -162,6 +177,7 @@ impl Ctx {
                 redis.url.clone(),
                 gateway.key_prefix.clone(),
                 Some(gateway.pid),
+                Some(redis.pid),
                 Some(gateway.store_path.clone()),
                 Some(Spawned {
                     redis,
@@ -181,6 +197,7 @@ impl Ctx {
                 c.redis_url.clone(),
                 c.key_prefix.clone(),
                 c.server_pid,
+                None,
                 c.order_db.clone(),
                 None,
             )
@@ -197,6 +214,7 @@ impl Ctx {
                 redis_url,
                 key_prefix,
                 server_pid: pid,
+                redis_pid,
                 order_db,
                 run_id: spawn::nonce()[..6].to_string(),
                 ramp_per_sec: c.ramp_per_sec.max(1),

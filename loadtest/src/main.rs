@@ -17,7 +17,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use ctx::{Common, Ctx};
 use report::Report;
-use scenarios::{checkout, fanout, idle, probe, rush, soak};
+use scenarios::{checkout, fanout, idle, probe, rush, rush_sustained, soak};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Load-test harness for livegate (loopback only)")]
@@ -73,6 +73,12 @@ async fn run(cli: Cli) -> Result<bool> {
         Scenario::Probe(_) => "probe",
     });
     if let Scenario::Rush(a) = &cli.scenario {
+        if a.sustain_secs.is_some() {
+            report.row("load average at start", loadavg());
+            rush_sustained::run_all(&common, a, n, &mut report).await?;
+            report.row("load average at end", loadavg());
+            return report.finish(json_path.as_deref(), plot_path.as_deref());
+        }
         if a.compare_lua {
             anyhow::ensure!(
                 common.spawn,

@@ -1,5 +1,6 @@
 //! The scenarios, one file each: `fanout` (broadcast delivery latency, NATS baseline),
-//! `rush` (flash-sale reservations, Lua baseline), `checkout` (orders end to end),
+//! `rush` (flash-sale reservations, Lua baseline; `rush_sustained` is its sustained mode,
+//! `rush --sustain-secs`), `checkout` (orders end to end),
 //! `soak` (churn over time, server RSS) `idle` (memory per idle connection) and `probe` (protocol conformance).
 
 pub mod checkout;
@@ -7,6 +8,7 @@ pub mod fanout;
 pub mod idle;
 pub mod probe;
 pub mod rush;
+pub mod rush_sustained;
 pub mod soak;
 
 use crate::client::Client;

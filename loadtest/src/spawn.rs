@@ -2,7 +2,9 @@
 //! `redis-server` on a free loopback port (no persistence, its own temp dir) and the
 //! `livegate` binary on another free port with a generated secret, its own key prefix and a
 //! temp SQLite order store; it waits for `/healthz` and `/readyz`, and on drop terminates both
-//! (SIGTERM, then SIGKILL after a grace period). The temp directory keeps the logs.
+//! (SIGTERM, then SIGKILL after a grace period). The temp directory keeps the logs. Either
+//! child can be pinned to a CPU list (`taskset -c`, which execs the program under the same
+//! pid), so benchmarks can keep the harness, the gateway and Redis off each other's cores.
 
 use anyhow::{bail, Context, Result};
 use std::net::{SocketAddr, TcpListener};
@@ -59,6 +61,19 @@ pub fn gateway_bin(explicit: Option<&Path>) -> Result<PathBuf> {
     bail!("no gateway binary: build it (cargo build -p livegate --bin livegate) or pass --gateway-bin")
 }
 
+/// A command for `program`, run under `taskset -c <cpus>` when `cpus` is given (taskset
+/// execs the program, so the child's pid is the program's).
+fn command(program: &Path, cpus: Option<&str>) -> Command {
+    match cpus {
+        Some(list) => {
+            let mut c = Command::new("taskset");
+            c.arg("-c").arg(list).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
 fn terminate(child: &mut Child) {
     if let Some(pid) = child.id() {
         if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
@@ -78,13 +93,15 @@ async fn stop(child: &mut Child, grace: Duration) {
 pub struct Redis {
     child: Child,
     pub url: String,
+    pub pid: u32,
 }
 
 impl Redis {
-    pub async fn start(dir: &Path) -> Result<Self> {
+    /// Starts redis-server in `dir`, pinned to `cpus` (a `taskset -c` list) when given.
+    pub async fn start(dir: &Path, cpus: Option<&str>) -> Result<Self> {
         let port = free_port()?;
         let log = std::fs::File::create(dir.join("redis.log"))?;
-        let child = Command::new("redis-server")
+        let child = command(Path::new("redis-server"), cpus)
             .args([
                 "--port",
                 &port.to_string(),
@@ -100,7 +117,8 @@ impl Redis {
             .stderr(log)
             .kill_on_drop(true)
             .spawn()
-            .context("starting redis-server (is it installed?)")?;
+            .context("starting redis-server (is it installed? is taskset, with --redis-cpus?)")?;
+        let pid = child.id().context("redis-server has no pid")?;
         let url = format!("redis://127.0.0.1:{port}");
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -118,7 +136,7 @@ impl Redis {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok(Self { child, url })
+        Ok(Self { child, url, pid })
     }
 
     pub async fn stop(mut self) {
@@ -137,11 +155,14 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    /// Starts `bin serve` against `redis_url` with `extra_env`, pinned to `cpus` (a
+    /// `taskset -c` list) when given.
     pub async fn start(
         bin: &Path,
         dir: &Path,
         redis_url: &str,
         extra_env: &[(String, String)],
+        cpus: Option<&str>,
     ) -> Result<Self> {
         let port = free_port()?;
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
@@ -150,7 +171,7 @@ impl Gateway {
         let store_path = dir.join("orders.db");
         let log_path = dir.join("gateway.log");
         let log = std::fs::File::create(&log_path)?;
-        let mut cmd = Command::new(bin);
+        let mut cmd = command(bin, cpus);
         cmd.arg("serve")
             .env("LIVEGATE_LISTEN", addr.to_string())
             .env("LIVEGATE_REDIS_URL", redis_url)

@@ -5,7 +5,8 @@
 //! `reserved` + `sold_out` + other errors == N and, without errors, `reserved` == min(S, N);
 //! every `reserved` reply is in Redis (a `kind=reserved` entry of `P:events`, or an active
 //! entry of `P:reservations`); the stream's net reserved units never exceed the product's
-//! `stocked`; a retry with the same `req` returns the same reservation.
+//! `stocked`; a retry with the same `req` returns the same reservation. With `--sustain-secs`
+//! the rush is a sustained load instead (`rush_sustained`); this file keeps its flags.
 
 use crate::client::{Client, Event, Handler};
 use crate::ctx::{Common, Ctx};
@@ -22,7 +23,8 @@ pub struct Args {
     /// Viewers pressing add_to_cart at once [default: 2000; smoke: 200].
     #[arg(long)]
     pub viewers: Option<usize>,
-    /// Units of stock [default: half the viewers].
+    /// Units of stock [default: half the viewers; sustained mode: 10^9, or 100 with
+    /// --restock-per-sec].
     #[arg(long)]
     pub stock: Option<u64>,
     /// Units per add_to_cart.
@@ -42,9 +44,30 @@ pub struct Args {
     /// show no oversell.
     #[arg(long)]
     pub kill_after_ms: Option<u64>,
-    /// With --spawn: run the rush twice (in-memory core, then Lua) and print the ratios.
+    /// With --spawn: run the rush twice (in-memory core, then Lua) and print the ratios;
+    /// with --sustain-secs, --rounds pairs of runs and the median ratio.
     #[arg(long)]
     pub compare_lua: bool,
+    /// Sustained mode (scenarios/rush_sustained.rs): every viewer keeps --inflight
+    /// add_to_cart requests in flight, and the figures are counted over this many seconds
+    /// (1..=60) after --warmup-secs [viewers default: 200; smoke: 20].
+    #[arg(long)]
+    pub sustain_secs: Option<u64>,
+    /// Sustained mode: requests each viewer keeps in flight, pipelined [default: 8].
+    #[arg(long, requires = "sustain_secs")]
+    pub inflight: Option<usize>,
+    /// Sustained mode: seconds of load before the measured window [default: 2; smoke: 1].
+    #[arg(long, requires = "sustain_secs")]
+    pub warmup_secs: Option<u64>,
+    /// Sustained mode, oversubscribed crowd: the SKU starts with --stock units [default: 100]
+    /// and the anchor restocks this many units a second (in both modes); without it the
+    /// stock is ample (10^9) and every request should be reserved.
+    #[arg(long, requires = "sustain_secs")]
+    pub restock_per_sec: Option<u64>,
+    /// Sustained mode with --compare-lua: pairs of runs (core and Lua, alternating which
+    /// goes first), each on a fresh spawned gateway and Redis [default: 3; smoke: 1; max 10].
+    #[arg(long, requires = "sustain_secs")]
+    pub rounds: Option<usize>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,8 +85,16 @@ impl Target {
     }
 }
 
+/// Viewers and stock of the one-shot rush (the sustained mode picks its own stock).
 pub fn sizes(a: &Args, smoke: bool) -> (usize, u64) {
-    let n = a.viewers.unwrap_or(if smoke { 200 } else { 2000 });
+    let n = a
+        .viewers
+        .unwrap_or(match (a.sustain_secs.is_some(), smoke) {
+            (false, false) => 2000,
+            (false, true) => 200,
+            (true, false) => 200,
+            (true, true) => 20,
+        });
     let s = a.stock.unwrap_or((n as u64 / 2).max(1));
     (n, s)
 }
