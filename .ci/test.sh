@@ -30,6 +30,9 @@ for scenario in fanout rush checkout; do
   cargo run --locked -q -p livegate-loadtest -- "$scenario" --smoke --spawn --quiet \
     --gateway-bin target/debug/livegate
 done
+# The sustained rush, both designs, oversubscribed crowd with restocks (~10 s).
+cargo run --locked -q -p livegate-loadtest -- rush --smoke --spawn --quiet \
+  --gateway-bin target/debug/livegate --sustain-secs 2 --compare-lua --restock-per-sec 500
 
 # One closing line over every test binary: `N passed, N failed`.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
