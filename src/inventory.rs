@@ -11,6 +11,7 @@
 //! always in ascending index order. See docs/inventory.md for the contract and invariants.
 
 mod idem;
+mod prefetch;
 mod shard;
 mod types;
 mod wheel;
@@ -28,6 +29,7 @@ use parking_lot::{Mutex, MutexGuard};
 
 use rustc_hash::{FxBuildHasher, FxHasher};
 
+use idem::IndexHint;
 use shard::{Entry, IdemKey, IdemRec, Product, Shard, State, UserUnits};
 
 pub use types::{
@@ -40,9 +42,9 @@ pub use types::{
 pub const MAX_SHARDS: usize = 4096;
 
 /// One shard on its own cache lines, so two cores locking neighbouring shards do not
-/// contend on the same line.
+/// contend on the same line, with the hint of where its idempotency index is.
 #[repr(align(128))]
-struct Padded(Mutex<Shard>);
+struct Padded(Mutex<Shard>, IndexHint);
 
 /// The inventory core. `Send + Sync`: share it behind an `Arc`.
 pub struct Inventory {
@@ -106,7 +108,7 @@ impl Inventory {
     pub fn new(cfg: InventoryConfig) -> Inventory {
         let n = cfg.shards.clamp(1, MAX_SHARDS);
         let shards = (0..n)
-            .map(|i| Padded(Mutex::new(Shard::new(i, n))))
+            .map(|i| Padded(Mutex::new(Shard::new(i, n)), IndexHint::default()))
             .collect();
         Inventory {
             shards,
@@ -205,8 +207,14 @@ impl Inventory {
             return Err(InvError::InvalidQty);
         }
         let key = self.idem_key(&r.user, &r.req, &r.sku);
-        let i = self.shard_of(&r.sku);
-        lock(&self.shards[i]).reserve(r, key, self.epoch, self.idem_cap)
+        let slot = &self.shards[self.shard_of(&r.sku)];
+        // The index slot of a new key is usually a cache miss: start loading it before the
+        // lock, so the miss overlaps the lock and the product lookup.
+        slot.1.prefetch(key.key);
+        let mut g = lock(slot);
+        let out = g.reserve(r, key, self.epoch, self.idem_cap);
+        slot.1.note(&g.idem);
+        out
     }
 
     /// The durable write of a reserve succeeded: Pending -> Held.
@@ -222,7 +230,7 @@ impl Inventory {
 
     /// Phase one of `release`: `user`'s Held reservation becomes Releasing (nothing else may
     /// touch it). Another user's reservation is `NotFound`.
-    pub fn begin_release(&self, user: &str, id: ResId) -> Result<Reservation, InvError> {
+    pub fn begin_release(&self, user: &str, id: ResId) -> Result<Arc<Reservation>, InvError> {
         self.res_shard(id)?.begin(Some(user), id, State::Releasing)
     }
 
@@ -234,9 +242,9 @@ impl Inventory {
     }
 
     /// Looks up a live reservation (any state), e.g. to answer a status query.
-    pub fn reservation(&self, id: ResId) -> Option<Reservation> {
+    pub fn reservation(&self, id: ResId) -> Option<Arc<Reservation>> {
         let s = self.res_shard(id).ok()?;
-        s.reservations.get(&id.0).map(|e| e.res.clone())
+        s.reservations.get(&id.0).map(|e| Arc::clone(&e.res))
     }
 
     /// Resolves and locks the shards of `ids` in ascending index order. Returns the guards
@@ -274,7 +282,7 @@ impl Inventory {
         user: &str,
         ids: &[ResId],
         now: u64,
-    ) -> Result<Vec<Reservation>, InvError> {
+    ) -> Result<Vec<Arc<Reservation>>, InvError> {
         let (mut guards, pos) = self.lock_many(ids)?;
         // Unknown (or another user's) anywhere in the list wins over state errors.
         for (&id, &p) in ids.iter().zip(&pos) {
@@ -320,7 +328,7 @@ impl Inventory {
     /// Phase one of expiry: up to `max` Held reservations with `expires_at <= now` become
     /// Expiring and are returned. Also drops idempotency records older than the TTL. Cost
     /// grows with what is due (and the shard count), not with what is held.
-    pub fn take_due(&self, now: u64, max: usize) -> Vec<Reservation> {
+    pub fn take_due(&self, now: u64, max: usize) -> Vec<Arc<Reservation>> {
         let mut out = Vec::new();
         let n = self.shards.len();
         let start = self.sweep_cursor.fetch_add(1, Ordering::Relaxed) % n;
@@ -474,7 +482,7 @@ impl Inventory {
             g.reservations.insert(
                 res.id.0,
                 Entry {
-                    res,
+                    res: Arc::new(res),
                     state: State::Held,
                     idem,
                     product,
@@ -547,7 +555,7 @@ impl Inventory {
                 }
             }
             st.reservations
-                .extend(g.reservations.values().map(|e| e.res.clone()));
+                .extend(g.reservations.values().map(|e| Reservation::clone(&e.res)));
             // Records keep no strings: only those of live reservations can be listed.
             for rec in g.idem.records().filter(|r| !r.ended) {
                 if let Some(e) = g.reservations.get(&rec.id.0) {

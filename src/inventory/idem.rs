@@ -4,18 +4,24 @@
 //!
 //! Built for the reserve hot path over a window of many records: a new record is written
 //! at the ring's head (sequential memory), the oldest is dropped from its tail, and the
-//! index costs 8 bytes per slot (kept at most half full, linear probing with backward-shift
-//! deletion, no tombstones), so a reserve touches about two random cache lines of the
-//! window instead of four. Same policy as a map plus a FIFO: records live until the TTL
-//! prune or until `cap` newer ones were made (the oldest go first), a key made again
-//! replaces the older record, and `remove` forgets one at once (an aborted reserve).
+//! index costs 8 bytes per slot (linear probing). Dropping the oldest record does not touch
+//! the index: its entry goes *stale* (it points below the ring's tail, which a lookup sees
+//! from the entry alone) and is reused by a later insert that probes past it, or cleared by
+//! a rebuild when live and stale entries fill three quarters of the index. So a reserve
+//! touches one random cache line of the window (the lookup; the insert probes the same run)
+//! instead of two. Same policy as a map plus a FIFO: records live until the TTL prune or
+//! until `cap` newer ones were made (the oldest go first), a key made again replaces the
+//! older record, and `remove` forgets one at once (an aborted reserve, backward-shift
+//! deletion).
 
-use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
+use super::prefetch::prefetch;
 use super::shard::IdemRec;
 use super::types::ResId;
 
 /// One record in the ring.
+#[derive(Clone, Copy)]
 struct Slot {
     key: u64,
     at: u64,
@@ -25,13 +31,30 @@ struct Slot {
     live: bool,
 }
 
+impl Slot {
+    /// Filler for ring positions not in use.
+    const VACANT: Slot = Slot {
+        key: 0,
+        at: 0,
+        rec: IdemRec {
+            id: ResId(0),
+            check: 0,
+            ended: false,
+        },
+        live: false,
+    };
+}
+
 pub(crate) struct IdemTable {
     /// Oldest first. `ring[i]` has sequence number `base + i`.
-    ring: VecDeque<Slot>,
+    ring: Ring,
     base: u64,
     /// 0 = empty; else the key's high 32 bits (forced non-zero) above the low 32 bits of
-    /// the record's sequence number. An entry's home slot is `(tag >> 1) & mask`.
+    /// the record's sequence number. An entry's home slot is `(tag >> 1) & mask`. An entry
+    /// whose record has left the ring is stale: skipped by lookups, reusable by inserts.
     index: Vec<u64>,
+    /// Non-zero entries of `index` (live and stale).
+    used: usize,
 }
 
 const MIN_INDEX: usize = 16;
@@ -43,9 +66,10 @@ fn tag(key: u64) -> u64 {
 impl IdemTable {
     pub(crate) fn new() -> IdemTable {
         IdemTable {
-            ring: VecDeque::new(),
+            ring: Ring::default(),
             base: 0,
             index: vec![0; MIN_INDEX],
+            used: 0,
         }
     }
 
@@ -66,6 +90,11 @@ impl IdemTable {
         ((entry as u32).wrapping_sub(self.base as u32)) as usize
     }
 
+    /// Where the index is (address and mask), for `IndexHint`.
+    pub(crate) fn layout(&self) -> (usize, usize) {
+        (self.index.as_ptr() as usize, self.mask())
+    }
+
     /// Index slot of `key`'s entry, if it has one.
     fn find(&self, key: u64) -> Option<usize> {
         let t = tag(key);
@@ -77,7 +106,7 @@ impl IdemTable {
             }
             if e >> 32 == t {
                 let p = self.ring_pos(e);
-                if self.ring.get(p).is_some_and(|s| s.key == key) {
+                if self.ring.get(p).is_some_and(|s| s.live && s.key == key) {
                     return Some(i);
                 }
             }
@@ -102,14 +131,8 @@ impl IdemTable {
     /// Adds a record made at `at` (replacing one of the same key), then drops the oldest
     /// while more than `cap` are in the ring.
     pub(crate) fn insert(&mut self, key: u64, rec: IdemRec, at: u64, cap: usize) {
-        while self.ring.len() >= cap.max(1) {
-            self.pop();
-        }
-        if (self.ring.len() + 1) * 2 > self.index.len() {
-            self.grow();
-        }
-        let seq = self.base + self.ring.len() as u64;
-        let entry = (tag(key) << 32) | (seq & 0xffff_ffff);
+        self.make_room(cap);
+        let entry = self.entry_for(key);
         match self.find(key) {
             Some(i) => {
                 let old = self.ring_pos(self.index[i]);
@@ -118,38 +141,66 @@ impl IdemTable {
                 }
                 self.index[i] = entry;
             }
-            None => {
-                let mut i = self.home(tag(key));
-                while self.index[i] != 0 {
-                    i = (i + 1) & self.mask();
-                }
-                self.index[i] = entry;
-            }
+            None => self.place(entry),
         }
-        self.ring.push_back(Slot {
-            key,
-            at,
-            rec,
-            live: true,
-        });
+        self.push(key, rec, at);
     }
 
     /// Adds a record made at `at` for a `key` that has none (the caller just saw `get`
     /// answer `None` under the same lock): like `insert`, without looking for an old one.
     pub(crate) fn insert_new(&mut self, key: u64, rec: IdemRec, at: u64, cap: usize) {
+        self.make_room(cap);
+        let entry = self.entry_for(key);
+        self.place(entry);
+        self.push(key, rec, at);
+    }
+
+    /// Before an insert: drops the oldest records down to `cap - 1`, then grows the index
+    /// (records in the ring at most a quarter of it) or clears its stale entries (live and
+    /// stale at most three quarters). So a rebuild, which reads the whole ring, comes at
+    /// most once per `index.len() / 2` inserts, and unsuccessful probes stay short.
+    fn make_room(&mut self, cap: usize) {
         while self.ring.len() >= cap.max(1) {
             self.pop();
         }
-        if (self.ring.len() + 1) * 2 > self.index.len() {
-            self.grow();
+        if (self.ring.len() + 1) * 4 > self.index.len() {
+            self.rebuild(self.index.len() * 2);
+        } else if (self.used + 1) * 4 > self.index.len() * 3 {
+            self.rebuild(self.index.len());
         }
+    }
+
+    /// The index entry of a record of `key` about to be pushed at the ring's head.
+    fn entry_for(&self, key: u64) -> u64 {
         let seq = self.base + self.ring.len() as u64;
-        let t = tag(key);
-        let mut i = self.home(t);
-        while self.index[i] != 0 {
+        (tag(key) << 32) | (seq & 0xffff_ffff)
+    }
+
+    /// Whether an index entry's record has left the ring (or is the one about to be pushed,
+    /// which is never in the index yet).
+    fn stale(&self, entry: u64) -> bool {
+        self.ring_pos(entry) >= self.ring.len()
+    }
+
+    /// Puts `entry` in the first empty or stale slot of its probe run. Every entry between
+    /// its home and that slot is non-empty, so lookups still reach it and everything after.
+    fn place(&mut self, entry: u64) {
+        let mut i = self.home(entry >> 32);
+        loop {
+            let e = self.index[i];
+            if e == 0 {
+                self.used += 1;
+                break;
+            }
+            if self.stale(e) {
+                break;
+            }
             i = (i + 1) & self.mask();
         }
-        self.index[i] = (t << 32) | (seq & 0xffff_ffff);
+        self.index[i] = entry;
+    }
+
+    fn push(&mut self, key: u64, rec: IdemRec, at: u64) {
         self.ring.push_back(Slot {
             key,
             at,
@@ -173,20 +224,11 @@ impl IdemTable {
         self.delete_at(i);
     }
 
-    /// Drops the oldest record.
+    /// Drops the oldest record. Its index entry (if any) is stale from now on.
     fn pop(&mut self) {
-        let Some(s) = self.ring.front() else {
-            return;
-        };
-        if s.live {
-            if let Some(i) = self.find(s.key) {
-                if self.ring_pos(self.index[i]) == 0 {
-                    self.delete_at(i);
-                }
-            }
+        if self.ring.drop_front() {
+            self.base += 1;
         }
-        self.ring.pop_front();
-        self.base += 1;
     }
 
     /// Drops records made at or before `now - ttl`.
@@ -227,13 +269,19 @@ impl IdemTable {
             }
         }
         self.index[i] = 0;
+        self.used -= 1;
     }
 
-    /// Doubles the index and re-enters every live record.
-    fn grow(&mut self) {
-        let len = (self.index.len() * 2).max(MIN_INDEX);
-        self.index = vec![0; len];
-        let mask = self.mask();
+    /// Makes an index of `len` slots holding exactly the live records (no stale entries).
+    fn rebuild(&mut self, len: usize) {
+        let len = len.max(MIN_INDEX);
+        if self.index.len() == len {
+            self.index.fill(0);
+        } else {
+            self.index = vec![0; len];
+        }
+        let mask = len - 1;
+        let mut used = 0;
         for (p, s) in self.ring.iter().enumerate() {
             if !s.live {
                 continue;
@@ -244,6 +292,115 @@ impl IdemTable {
                 i = (i + 1) & mask;
             }
             self.index[i] = (t << 32) | ((self.base + p as u64) & 0xffff_ffff);
+            used += 1;
         }
+        self.used = used;
+    }
+}
+
+/// A FIFO of slots in one power-of-two buffer. Unlike `VecDeque::pop_front`, dropping the
+/// oldest slot does not read it: its cache line was written a whole window ago and is
+/// usually out of cache, and nothing of it is needed (the index entry goes stale).
+#[derive(Default)]
+struct Ring {
+    buf: Vec<Slot>,
+    /// Position of the oldest slot in `buf`.
+    head: usize,
+    len: usize,
+}
+
+impl Ring {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn at(&self, p: usize) -> usize {
+        // `buf.len()` is zero or a power of two.
+        (self.head + p) & self.buf.len().wrapping_sub(1)
+    }
+
+    fn get(&self, p: usize) -> Option<&Slot> {
+        if p >= self.len {
+            return None;
+        }
+        self.buf.get(self.at(p))
+    }
+
+    fn get_mut(&mut self, p: usize) -> Option<&mut Slot> {
+        if p >= self.len {
+            return None;
+        }
+        let i = self.at(p);
+        self.buf.get_mut(i)
+    }
+
+    fn front(&self) -> Option<&Slot> {
+        self.get(0)
+    }
+
+    /// Forgets the oldest slot without reading it; false if the ring is empty.
+    fn drop_front(&mut self) -> bool {
+        if self.len == 0 {
+            return false;
+        }
+        self.head = self.at(1);
+        self.len -= 1;
+        true
+    }
+
+    fn push_back(&mut self, s: Slot) {
+        if self.len == self.buf.len() {
+            // Full (or never allocated): double, oldest first from position 0.
+            let cap = (self.buf.len() * 2).max(16);
+            let mut buf: Vec<Slot> = Vec::with_capacity(cap);
+            buf.extend((0..self.len).filter_map(|p| self.get(p)).copied());
+            buf.resize(cap, Slot::VACANT);
+            self.buf = buf;
+            self.head = 0;
+        }
+        let i = self.at(self.len);
+        if let Some(slot) = self.buf.get_mut(i) {
+            *slot = s;
+            self.len += 1;
+        }
+        // The slots ahead were last written a whole window ago: start fetching the line
+        // after the next one now, long before a push writes it.
+        prefetch(self.buf.as_ptr().wrapping_add(self.at(self.len + 3)));
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Slot> {
+        (0..self.len).filter_map(move |p| self.get(p))
+    }
+}
+
+/// Where a shard's idempotency index was when its lock was last released, kept beside the
+/// lock so `reserve` can start loading the index slot of its key *before* taking the lock:
+/// the miss then overlaps the lock and the product lookup. Read without the lock, so it may
+/// be stale (the index grew or was rebuilt meanwhile): a prefetch of a stale address only
+/// wastes one memory fetch, it is never dereferenced.
+#[derive(Default)]
+pub(crate) struct IndexHint {
+    addr: AtomicUsize,
+    mask: AtomicUsize,
+}
+
+impl IndexHint {
+    /// Records `t`'s layout (call with the shard locked, after changing it).
+    pub(crate) fn note(&self, t: &IdemTable) {
+        let (addr, mask) = t.layout();
+        if self.addr.load(Ordering::Relaxed) != addr || self.mask.load(Ordering::Relaxed) != mask {
+            self.addr.store(addr, Ordering::Relaxed);
+            self.mask.store(mask, Ordering::Relaxed);
+        }
+    }
+
+    /// Starts loading the index slot where a lookup of `key` begins.
+    pub(crate) fn prefetch(&self, key: u64) {
+        let addr = self.addr.load(Ordering::Relaxed);
+        if addr == 0 {
+            return;
+        }
+        let home = ((tag(key) >> 1) as usize) & self.mask.load(Ordering::Relaxed);
+        prefetch(addr.wrapping_add(home.wrapping_mul(8)) as *const u64);
     }
 }

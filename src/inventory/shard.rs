@@ -51,7 +51,9 @@ pub(crate) fn wrong_state(id: ResId, s: State, wanted: &str) -> InvError {
 
 /// A live reservation in its shard.
 pub(crate) struct Entry {
-    pub res: Reservation,
+    /// Shared with the callers it was handed to: handing it out is one reference count,
+    /// not one per string.
+    pub res: Arc<Reservation>,
     pub state: State,
     /// The key of its idempotency record.
     pub idem: IdemKey,
@@ -247,6 +249,7 @@ pub(crate) struct IdemKey {
     pub check: u64,
 }
 
+#[derive(Clone, Copy)]
 pub(crate) struct IdemRec {
     pub id: ResId,
     pub check: u64,
@@ -309,7 +312,9 @@ impl Shard {
                 Some(e) if e.res.user != r.user || e.res.req != r.req || e.res.sku != r.sku => {
                     Err(collision())
                 }
-                Some(e) if e.state == State::Held => Ok(ReserveOutcome::Existing(e.res.clone())),
+                Some(e) if e.state == State::Held => {
+                    Ok(ReserveOutcome::Existing(Arc::clone(&e.res)))
+                }
                 Some(_) => Err(InvError::InFlight),
                 None => Err(InvError::Ended { id: rec.id }),
             };
@@ -350,7 +355,7 @@ impl Shard {
                 }
             }
         }
-        let res = Reservation {
+        let res = Arc::new(Reservation {
             id,
             user: r.user,
             req: r.req,
@@ -360,8 +365,8 @@ impl Shard {
             qty: r.qty,
             price_cents: product.spec.price_cents,
             expires_at,
-        };
-        let out = res.clone();
+        });
+        let out = Arc::clone(&res);
         self.reservations.insert(
             id.0,
             Entry {
@@ -450,7 +455,7 @@ impl Shard {
         user: Option<&str>,
         id: ResId,
         to: State,
-    ) -> Result<Reservation, InvError> {
+    ) -> Result<Arc<Reservation>, InvError> {
         let e = self.entry(id)?;
         if user.is_some_and(|u| !same_str(&e.res.user, u)) {
             return Err(InvError::NotFound);
@@ -459,7 +464,7 @@ impl Shard {
             return Err(wrong_state(id, e.state, "held"));
         }
         e.state = to;
-        let out = e.res.clone();
+        let out = Arc::clone(&e.res);
         if let Some(p) = e.wheel.take() {
             self.unwheel(p);
         }
@@ -547,7 +552,7 @@ impl Shard {
 
     /// Moves due Held reservations to Expiring, appending them to `out` until it has `max`.
     /// Looks only at the wheel buckets from the last sweep up to `now`.
-    pub(crate) fn take_due(&mut self, now: u64, max: usize, out: &mut Vec<Reservation>) {
+    pub(crate) fn take_due(&mut self, now: u64, max: usize, out: &mut Vec<Arc<Reservation>>) {
         let Some(plan) = self.wheel.plan(now) else {
             return;
         };
@@ -571,7 +576,7 @@ impl Shard {
                 if let Some(e) = self.reservations.get_mut(&raw) {
                     e.wheel = None;
                     e.state = State::Expiring;
-                    out.push(e.res.clone());
+                    out.push(Arc::clone(&e.res));
                 }
             }
             self.wheel.swept(&plan, k);

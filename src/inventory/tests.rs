@@ -29,14 +29,21 @@ fn req(user: &str, req: &str, sku: &str, qty: u32, now: u64) -> ReserveRequest {
     }
 }
 
-fn new_res(inv: &Inventory, user: &str, r: &str, sku: &str, qty: u32, now: u64) -> Reservation {
+fn new_res(
+    inv: &Inventory,
+    user: &str,
+    r: &str,
+    sku: &str,
+    qty: u32,
+    now: u64,
+) -> Arc<Reservation> {
     match inv.reserve(req(user, r, sku, qty, now)) {
         Ok(ReserveOutcome::New(res)) => res,
         other => panic!("expected New, got {other:?}"),
     }
 }
 
-fn held(inv: &Inventory, user: &str, r: &str, sku: &str, qty: u32, now: u64) -> Reservation {
+fn held(inv: &Inventory, user: &str, r: &str, sku: &str, qty: u32, now: u64) -> Arc<Reservation> {
     let res = new_res(inv, user, r, sku, qty, now);
     inv.confirm_reserve(res.id).expect("confirm");
     res
@@ -465,7 +472,7 @@ fn snapshot_restore_is_identity() {
     inv.finish_checkout(&[r2.id], true).expect("commit");
     let r3 = held(&inv, "v", "q1", "b", 3, 0);
     let snap = inv.snapshot();
-    assert_eq!(snap.reservations, vec![r1.clone(), r3.clone()]);
+    assert_eq!(snap.reservations, vec![(*r1).clone(), (*r3).clone()]);
     // Records of live reservations only (r2 ended).
     assert_eq!(snap.idempotency.len(), 2);
 
@@ -685,7 +692,7 @@ fn expiry_wheel_edges() {
     inv.upsert("a", SPEC, Some(100)).expect("create");
     inv.upsert("far", long, Some(100)).expect("create");
     let far = held(&inv, "u", "f", "far", 1, 0); // 1_000_000: shares a bucket
-    let near: Vec<Reservation> = (0..5)
+    let near: Vec<Arc<Reservation>> = (0..5)
         .map(|i| held(&inv, "u", &format!("n{i}"), "a", 1, 0)) // all 60_000
         .collect();
     // Take one out of the middle of the bucket; the others keep their places.

@@ -144,10 +144,10 @@ pub struct ReserveRequest {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReserveOutcome {
     /// Units were taken; the reservation is Pending until `confirm_reserve`/`abort_reserve`.
-    New(Reservation),
+    New(Arc<Reservation>),
     /// The same (user, req, sku) already made this reservation and it is still Held: nothing
     /// was taken, answer the client with the same reservation again.
-    Existing(Reservation),
+    Existing(Arc<Reservation>),
 }
 
 impl ReserveOutcome {
