@@ -81,7 +81,11 @@ pub async fn add_to_cart(
             format!("{sku:?} is not on this room's shelf"),
         ));
     }
-    let referrer = s.rooms.get(room.as_str()).cloned().flatten();
+    // The session's own copy of the room id when it joined (see `viewer::join`).
+    let (room_id, referrer) = match s.rooms.get_key_value(room.as_str()) {
+        Some((id, referrer)) => (id.clone(), referrer.clone()),
+        None => (r.id.clone(), None),
+    };
     let now = unix_ms();
     if app.cfg.reserve_mode == ReserveMode::Lua {
         return super::lua_baseline::reserve(app, s, req, &r.id, &sku, qty, referrer, now).await;
@@ -91,7 +95,7 @@ pub async fn add_to_cart(
         .reserve(ReserveRequest {
             user: s.user.clone(),
             req: Arc::from(req.as_str()),
-            room: r.id.clone(),
+            room: room_id,
             referrer,
             sku: Arc::from(sku.as_str()),
             qty,

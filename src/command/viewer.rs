@@ -28,7 +28,10 @@ pub fn join(
     // The room queues the reply (room_state, or joined + missed events) itself, so that it
     // comes before any later broadcast.
     r.join(s.outbox.clone(), req, since)?;
-    s.rooms.insert(r.id.clone(), referrer.map(Arc::from));
+    // The session's own copy of the room id (not a clone of the room's `Arc`): every
+    // reservation it makes carries it, and a reference count shared by all the room's
+    // connections would bounce between the cores on every add_to_cart of a rush.
+    s.rooms.insert(Arc::from(&*r.id), referrer.map(Arc::from));
     crate::recovery::note_viewer(app, &r.id, &s.user);
     Ok(None)
 }
