@@ -46,6 +46,16 @@ pub const MAX_SHARDS: usize = 4096;
 #[repr(align(128))]
 struct Padded(Mutex<Shard>, IndexHint);
 
+impl Padded {
+    /// Hints that this shard's lock and fields (a few cache lines) will be used soon.
+    fn prefetch(&self) {
+        let at = (self as *const Padded).cast::<u8>();
+        for line in 0..std::mem::size_of::<Padded>().div_ceil(64) {
+            prefetch::prefetch(at.wrapping_add(line * 64));
+        }
+    }
+}
+
 /// The inventory core. `Send + Sync`: share it behind an `Arc`.
 pub struct Inventory {
     shards: Box<[Padded]>,
@@ -206,8 +216,11 @@ impl Inventory {
         if !(1..=99).contains(&r.qty) {
             return Err(InvError::InvalidQty);
         }
-        let key = self.idem_key(&r.user, &r.req, &r.sku);
         let slot = &self.shards[self.shard_of(&r.sku)];
+        // The shard's lock and fields were last touched by whichever core served this shard
+        // before: start fetching them, then hash the key while they travel.
+        slot.prefetch();
+        let key = self.idem_key(&r.user, &r.req, &r.sku);
         // The index slot of a new key is usually a cache miss: start loading it before the
         // lock, so the miss overlaps the lock and the product lookup.
         slot.1.prefetch(key.key);
