@@ -33,9 +33,9 @@ use idem::IndexHint;
 use shard::{Entry, IdemKey, IdemRec, Product, Shard, State, UserUnits};
 
 pub use types::{
-    InvError, InventoryConfig, ParseResIdError, ProductCounts, ProductSpec, ResId, Reservation,
-    ReserveOutcome, ReserveRequest, RestoreState, RestoreSummary, RestoredIdem, RestoredProduct,
-    COUNTER_BITS, EPOCH_MASK,
+    InvError, InventoryConfig, ParseResIdError, ProductCounts, ProductSpec, ResHandle, ResId,
+    Reservation, ReserveOutcome, ReserveRequest, RestoreState, RestoreSummary, RestoredIdem,
+    RestoredProduct, COUNTER_BITS, EPOCH_MASK,
 };
 
 /// Most shards an `Inventory` uses (more would only cost memory).
@@ -230,7 +230,15 @@ impl Inventory {
         out
     }
 
-    /// The durable write of a reserve succeeded: Pending -> Held.
+    /// The durable write of a reserve succeeded: Pending -> Held, on the handle `reserve`
+    /// returned, without taking the shard lock (one compare-and-swap). `Conflict` if it is
+    /// not Pending (already confirmed, aborted or ended).
+    pub fn confirm(&self, res: &ResHandle) -> Result<(), InvError> {
+        shard::State::confirm(res)
+    }
+
+    /// `confirm` by id, for a caller that kept only the id (it takes the shard lock to find
+    /// the reservation).
     pub fn confirm_reserve(&self, id: ResId) -> Result<(), InvError> {
         self.res_shard(id)?.confirm(id)
     }
@@ -243,7 +251,7 @@ impl Inventory {
 
     /// Phase one of `release`: `user`'s Held reservation becomes Releasing (nothing else may
     /// touch it). Another user's reservation is `NotFound`.
-    pub fn begin_release(&self, user: &str, id: ResId) -> Result<Arc<Reservation>, InvError> {
+    pub fn begin_release(&self, user: &str, id: ResId) -> Result<ResHandle, InvError> {
         self.res_shard(id)?.begin(Some(user), id, State::Releasing)
     }
 
@@ -255,9 +263,9 @@ impl Inventory {
     }
 
     /// Looks up a live reservation (any state), e.g. to answer a status query.
-    pub fn reservation(&self, id: ResId) -> Option<Arc<Reservation>> {
+    pub fn reservation(&self, id: ResId) -> Option<ResHandle> {
         let s = self.res_shard(id).ok()?;
-        s.reservations.get(&id.0).map(|e| Arc::clone(&e.res))
+        s.reservations.get(&id.0).map(|e| e.res.clone())
     }
 
     /// Resolves and locks the shards of `ids` in ascending index order. Returns the guards
@@ -295,7 +303,7 @@ impl Inventory {
         user: &str,
         ids: &[ResId],
         now: u64,
-    ) -> Result<Vec<Arc<Reservation>>, InvError> {
+    ) -> Result<Vec<ResHandle>, InvError> {
         let (mut guards, pos) = self.lock_many(ids)?;
         // Unknown (or another user's) anywhere in the list wins over state errors.
         for (&id, &p) in ids.iter().zip(&pos) {
@@ -341,7 +349,7 @@ impl Inventory {
     /// Phase one of expiry: up to `max` Held reservations with `expires_at <= now` become
     /// Expiring and are returned. Also drops idempotency records older than the TTL. Cost
     /// grows with what is due (and the shard count), not with what is held.
-    pub fn take_due(&self, now: u64, max: usize) -> Vec<Arc<Reservation>> {
+    pub fn take_due(&self, now: u64, max: usize) -> Vec<ResHandle> {
         let mut out = Vec::new();
         let n = self.shards.len();
         let start = self.sweep_cursor.fetch_add(1, Ordering::Relaxed) % n;
@@ -495,8 +503,7 @@ impl Inventory {
             g.reservations.insert(
                 res.id.0,
                 Entry {
-                    res: Arc::new(res),
-                    state: State::Held,
+                    res: ResHandle::new(res, State::Held as u8),
                     idem,
                     product,
                     wheel,

@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use livegate::inventory::{
-    InvError, Inventory, InventoryConfig, ProductCounts, ProductSpec, ResId, ReserveOutcome,
-    ReserveRequest,
+    InvError, Inventory, InventoryConfig, ProductCounts, ProductSpec, ResHandle, ResId,
+    ReserveOutcome, ReserveRequest,
 };
 use proptest::prelude::*;
 
@@ -258,6 +258,9 @@ fn check_invariants(inv: &Inventory, m: &Model) -> Result<(), TestCaseError> {
 fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let users: Vec<Arc<str>> = (0..3).map(|u| Arc::from(format!("user{u}"))).collect();
     let mut inv = new_inv(4);
+    // The handles `reserve` returned, for the lock-free `confirm` (a restore makes them
+    // stale: the gateway only restores before serving).
+    let mut handles: HashMap<ResId, ResHandle> = HashMap::new();
     let mut m = Model {
         limits: LIMITS,
         ..Model::default()
@@ -321,6 +324,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         prop_assert_eq!(r.qty, qty);
                         prop_assert_eq!(r.expires_at, m.now + u64::from(TTLS[sku]) * 1000);
                         m.ids.push(r.id);
+                        handles.insert(r.id, r.clone());
                         m.idem.insert((user, req, sku), (r.id, false));
                         m.live.insert(
                             r.id,
@@ -340,12 +344,27 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
             Op::Confirm(i) => {
                 let id = m.pick(i);
-                let want = match m.live.get(&id).map(|r| r.st) {
-                    None => Err(InvError::NotFound),
-                    Some(St::Pending) => Ok(()),
-                    Some(_) => Err(InvError::Conflict(String::new())),
+                let st = m.live.get(&id).map(|r| r.st);
+                // Odd picks confirm through the handle (no lock; an ended or aborted
+                // reservation's handle answers Conflict), even ones by id.
+                let got = match handles.get(&id).filter(|_| i % 2 == 1) {
+                    Some(h) => {
+                        let want = match st {
+                            Some(St::Pending) => Ok(()),
+                            _ => Err(InvError::Conflict(String::new())),
+                        };
+                        check_unit(inv.confirm(h), want)?
+                    }
+                    None => {
+                        let want = match st {
+                            None => Err(InvError::NotFound),
+                            Some(St::Pending) => Ok(()),
+                            Some(_) => Err(InvError::Conflict(String::new())),
+                        };
+                        check_unit(inv.confirm_reserve(id), want)?
+                    }
                 };
-                if check_unit(inv.confirm_reserve(id), want)?.is_some() {
+                if got.is_some() {
                     if let Some(r) = m.live.get_mut(&id) {
                         r.st = St::Held;
                     }
@@ -495,6 +514,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     prop_assert_eq!(fresh.counts(sku), inv.counts(sku));
                 }
                 inv = fresh;
+                handles.clear();
                 // An aborted id is in no snapshot, so a restore into the same epoch may issue
                 // it again (the gateway restores into a fresh epoch, where this cannot happen).
                 // Likewise an ended one: a snapshot lists the idempotency records of live

@@ -103,7 +103,13 @@ fn worker(inv: &Inventory, tally: &Tally, clock: &AtomicU64, t: usize) {
             if rng.below(8) == 0 {
                 inv.abort_reserve(r.id).expect("abort pending");
             } else {
-                inv.confirm_reserve(r.id).expect("confirm pending");
+                // Half through the handle, without the lock, racing the other threads'
+                // sweeps and releases on the same shard.
+                if rng.below(2) == 0 {
+                    inv.confirm(&r).expect("confirm pending");
+                } else {
+                    inv.confirm_reserve(r.id).expect("confirm pending");
+                }
                 mine.push((r.id, user));
             }
         }

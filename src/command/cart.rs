@@ -130,7 +130,7 @@ pub async fn add_to_cart(
             cmds.insert(0, xadd);
             match app.committer.commit(cmds).await {
                 Ok(()) => {
-                    let _ = app.inventory.confirm_reserve(res.id);
+                    let _ = app.inventory.confirm(&res);
                     metrics::counter!(m::RESERVATIONS).increment(1);
                     Ok(Some(reserved_reply(req, &res)))
                 }

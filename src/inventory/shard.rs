@@ -7,19 +7,21 @@
 //! the `Inventory`, and no panics (counts use saturating arithmetic; the invariants are
 //! checked by the tests).
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 
 use super::idem::IdemTable;
 use super::types::{
-    InvError, ProductCounts, ProductSpec, ResId, Reservation, ReserveOutcome, ReserveRequest,
-    COUNTER_MASK,
+    InvError, ProductCounts, ProductSpec, ResHandle, ResId, Reservation, ReserveOutcome,
+    ReserveRequest, COUNTER_MASK,
 };
 use super::wheel::{Pos, Wheel};
 
-/// Where a live reservation is in its two-phase life.
+/// Where a reservation is in its two-phase life (kept in its `ResHandle` as a `u8`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 pub(crate) enum State {
     /// Units taken, durable write in flight (`confirm_reserve` / `abort_reserve`).
     Pending,
@@ -31,6 +33,9 @@ pub(crate) enum State {
     CheckingOut,
     /// Handed out by `take_due`, waiting for `finish_expire`.
     Expiring,
+    /// No longer in the shard (committed end, or aborted): a handle still held by a caller
+    /// shows this, so a late `confirm` fails.
+    Ended,
 }
 
 impl State {
@@ -41,7 +46,32 @@ impl State {
             State::Releasing => "releasing",
             State::CheckingOut => "checking out",
             State::Expiring => "expiring",
+            State::Ended => "ended",
         }
+    }
+
+    fn from_u8(v: u8) -> State {
+        match v {
+            0 => State::Pending,
+            1 => State::Held,
+            2 => State::Releasing,
+            3 => State::CheckingOut,
+            4 => State::Expiring,
+            _ => State::Ended,
+        }
+    }
+
+    /// Pending -> Held on `h`, without the shard lock (the only transition made without it).
+    pub(crate) fn confirm(h: &ResHandle) -> Result<(), InvError> {
+        h.0.state
+            .compare_exchange(
+                State::Pending as u8,
+                State::Held as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .map(|_| ())
+            .map_err(|now| wrong_state(h.id, State::from_u8(now), "pending"))
     }
 }
 
@@ -51,16 +81,26 @@ pub(crate) fn wrong_state(id: ResId, s: State, wanted: &str) -> InvError {
 
 /// A live reservation in its shard.
 pub(crate) struct Entry {
-    /// Shared with the callers it was handed to: handing it out is one reference count,
-    /// not one per string.
-    pub res: Arc<Reservation>,
-    pub state: State,
+    /// Shared with the callers it was handed to (handing it out is one reference count, not
+    /// one per string); holds the state.
+    pub res: ResHandle,
     /// The key of its idempotency record.
     pub idem: IdemKey,
     /// Its product's index in the shard's `Products`.
     pub product: u32,
-    /// Its place in the expiry wheel: `Some` exactly while Held.
+    /// Its place in the expiry wheel: `Some` exactly while Pending or Held.
     pub wheel: Option<Pos>,
+}
+
+impl Entry {
+    pub(crate) fn state(&self) -> State {
+        State::from_u8(self.res.0.state.load(Ordering::Acquire))
+    }
+
+    /// Sets the state (with the shard locked).
+    pub(crate) fn set_state(&self, s: State) {
+        self.res.0.state.store(s as u8, Ordering::Release);
+    }
 }
 
 /// Units of one SKU that one user holds (any live state) and has bought.
@@ -312,9 +352,7 @@ impl Shard {
                 Some(e) if e.res.user != r.user || e.res.req != r.req || e.res.sku != r.sku => {
                     Err(collision())
                 }
-                Some(e) if e.state == State::Held => {
-                    Ok(ReserveOutcome::Existing(Arc::clone(&e.res)))
-                }
+                Some(e) if e.state() == State::Held => Ok(ReserveOutcome::Existing(e.res.clone())),
                 Some(_) => Err(InvError::InFlight),
                 None => Err(InvError::Ended { id: rec.id }),
             };
@@ -355,26 +393,31 @@ impl Shard {
                 }
             }
         }
-        let res = Arc::new(Reservation {
-            id,
-            user: r.user,
-            req: r.req,
-            room: r.room,
-            referrer: r.referrer,
-            sku: r.sku,
-            qty: r.qty,
-            price_cents: product.spec.price_cents,
-            expires_at,
-        });
-        let out = Arc::clone(&res);
+        let res = ResHandle::new(
+            Reservation {
+                id,
+                user: r.user,
+                req: r.req,
+                room: r.room,
+                referrer: r.referrer,
+                sku: r.sku,
+                qty: r.qty,
+                price_cents: product.spec.price_cents,
+                expires_at,
+            },
+            State::Pending as u8,
+        );
+        let out = res.clone();
+        // Pending ones are in the wheel too: `confirm_reserve` makes them Held without the
+        // lock, so it cannot insert them; a sweep passes over a due Pending one.
+        let wheel = Some(self.wheel.insert(expires_at, id.0));
         self.reservations.insert(
             id.0,
             Entry {
                 res,
-                state: State::Pending,
                 idem: idem_key,
                 product: pidx,
-                wheel: None,
+                wheel,
             },
         );
         let rec = IdemRec {
@@ -425,23 +468,29 @@ impl Shard {
     }
 
     pub(crate) fn confirm(&mut self, id: ResId) -> Result<(), InvError> {
-        let e = self.reservations.get_mut(&id.0).ok_or(InvError::NotFound)?;
-        if e.state != State::Pending {
-            return Err(wrong_state(id, e.state, "pending"));
-        }
-        e.state = State::Held;
-        e.wheel = Some(self.wheel.insert(e.res.expires_at, id.0));
-        Ok(())
+        let e = self.reservations.get(&id.0).ok_or(InvError::NotFound)?;
+        State::confirm(&e.res)
     }
 
     pub(crate) fn abort(&mut self, id: ResId) -> Result<(), InvError> {
         let e = self.entry(id)?;
-        if e.state != State::Pending {
-            return Err(wrong_state(id, e.state, "pending"));
-        }
-        let Some(e) = self.reservations.remove(&id.0) else {
+        // Under the lock only `confirm_reserve` can change a Pending state: claim it.
+        e.res
+            .0
+            .state
+            .compare_exchange(
+                State::Pending as u8,
+                State::Ended as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .map_err(|now| wrong_state(id, State::from_u8(now), "pending"))?;
+        let Some(mut e) = self.reservations.remove(&id.0) else {
             return Err(InvError::NotFound);
         };
+        if let Some(p) = e.wheel.take() {
+            self.unwheel(p);
+        }
         if let Some(p) = self.products.at_mut(e.product) {
             p.give_back(&e.res.user, u64::from(e.res.qty));
         }
@@ -455,16 +504,18 @@ impl Shard {
         user: Option<&str>,
         id: ResId,
         to: State,
-    ) -> Result<Arc<Reservation>, InvError> {
+    ) -> Result<ResHandle, InvError> {
         let e = self.entry(id)?;
         if user.is_some_and(|u| !same_str(&e.res.user, u)) {
             return Err(InvError::NotFound);
         }
-        if e.state != State::Held {
-            return Err(wrong_state(id, e.state, "held"));
+        // Held is stable under the lock (only Pending changes without it).
+        let s = e.state();
+        if s != State::Held {
+            return Err(wrong_state(id, s, "held"));
         }
-        e.state = to;
-        let out = Arc::clone(&e.res);
+        e.set_state(to);
+        let out = e.res.clone();
         if let Some(p) = e.wheel.take() {
             self.unwheel(p);
         }
@@ -483,8 +534,9 @@ impl Shard {
     /// Checks that `id` is in state `from` (for the validation pass of a batch).
     pub(crate) fn check(&self, id: ResId, from: State) -> Result<(), InvError> {
         let e = self.reservations.get(&id.0).ok_or(InvError::NotFound)?;
-        if e.state != from {
-            return Err(wrong_state(id, e.state, from.name()));
+        let s = e.state();
+        if s != from {
+            return Err(wrong_state(id, s, from.name()));
         }
         Ok(())
     }
@@ -499,17 +551,19 @@ impl Shard {
         sold: bool,
     ) -> Result<(), InvError> {
         let e = self.reservations.get_mut(&id.0).ok_or(InvError::NotFound)?;
-        if e.state != from {
-            return Err(wrong_state(id, e.state, from.name()));
+        let s = e.state();
+        if s != from {
+            return Err(wrong_state(id, s, from.name()));
         }
         if !committed {
-            e.state = State::Held;
+            e.set_state(State::Held);
             e.wheel = Some(self.wheel.insert(e.res.expires_at, id.0));
             return Ok(());
         }
         let Some(e) = self.reservations.remove(&id.0) else {
             return Err(InvError::NotFound);
         };
+        e.set_state(State::Ended);
         // Not Held, so not in the wheel.
         let qty = u64::from(e.res.qty);
         if let Some(p) = self.products.at_mut(e.product) {
@@ -541,8 +595,9 @@ impl Shard {
         if *e.res.user != *user {
             return Err(InvError::NotFound);
         }
-        if e.state != State::Held {
-            return Err(wrong_state(id, e.state, "held"));
+        let s = e.state();
+        if s != State::Held {
+            return Err(wrong_state(id, s, "held"));
         }
         if e.res.expires_at <= now {
             return Err(InvError::Expired { id });
@@ -552,11 +607,15 @@ impl Shard {
 
     /// Moves due Held reservations to Expiring, appending them to `out` until it has `max`.
     /// Looks only at the wheel buckets from the last sweep up to `now`.
-    pub(crate) fn take_due(&mut self, now: u64, max: usize, out: &mut Vec<Arc<Reservation>>) {
+    pub(crate) fn take_due(&mut self, now: u64, max: usize, out: &mut Vec<ResHandle>) {
         let Some(plan) = self.wheel.plan(now) else {
             return;
         };
-        for k in 0..plan.count {
+        // Due but still Pending (their durable write is unsettled): back into the wheel
+        // after the sweep, at the cursor, so the next sweep looks at them again.
+        let mut deferred: Vec<u64> = Vec::new();
+        let mut complete = true;
+        'sweep: for k in 0..plan.count {
             let slot = Wheel::plan_slot(&plan, k);
             let mut idx = 0u32;
             while (idx as usize) < self.wheel.bucket_len(slot) {
@@ -569,19 +628,35 @@ impl Shard {
                     continue;
                 }
                 if out.len() >= max {
-                    return;
+                    complete = false;
+                    break 'sweep;
                 }
                 // Another entry moves into `p`: look at the same index again.
                 self.unwheel(p);
                 if let Some(e) = self.reservations.get_mut(&raw) {
                     e.wheel = None;
-                    e.state = State::Expiring;
-                    out.push(Arc::clone(&e.res));
+                    let took = e.res.0.state.compare_exchange(
+                        State::Held as u8,
+                        State::Expiring as u8,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
+                    match took {
+                        Ok(_) => out.push(e.res.clone()),
+                        Err(_) => deferred.push(raw),
+                    }
                 }
             }
             self.wheel.swept(&plan, k);
         }
-        self.wheel.swept_all(&plan);
+        if complete {
+            self.wheel.swept_all(&plan);
+        }
+        for raw in deferred {
+            if let Some(e) = self.reservations.get_mut(&raw) {
+                e.wheel = Some(self.wheel.insert(e.res.expires_at, raw));
+            }
+        }
     }
 }
 

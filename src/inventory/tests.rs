@@ -29,21 +29,14 @@ fn req(user: &str, req: &str, sku: &str, qty: u32, now: u64) -> ReserveRequest {
     }
 }
 
-fn new_res(
-    inv: &Inventory,
-    user: &str,
-    r: &str,
-    sku: &str,
-    qty: u32,
-    now: u64,
-) -> Arc<Reservation> {
+fn new_res(inv: &Inventory, user: &str, r: &str, sku: &str, qty: u32, now: u64) -> ResHandle {
     match inv.reserve(req(user, r, sku, qty, now)) {
         Ok(ReserveOutcome::New(res)) => res,
         other => panic!("expected New, got {other:?}"),
     }
 }
 
-fn held(inv: &Inventory, user: &str, r: &str, sku: &str, qty: u32, now: u64) -> Arc<Reservation> {
+fn held(inv: &Inventory, user: &str, r: &str, sku: &str, qty: u32, now: u64) -> ResHandle {
     let res = new_res(inv, user, r, sku, qty, now);
     inv.confirm_reserve(res.id).expect("confirm");
     res
@@ -271,6 +264,15 @@ fn confirm_and_abort() {
         inv.abort_reserve(r2.id),
         Err(InvError::Conflict(_))
     ));
+    // Through the handle (no lock): a confirmed, an aborted or an ended one is Conflict.
+    assert!(matches!(inv.confirm(&r2), Err(InvError::Conflict(_))));
+    assert!(matches!(inv.confirm(&r), Err(InvError::Conflict(_))));
+    let r3 = new_res(&inv, "u", "q3", "a", 1, 0);
+    inv.confirm(&r3).expect("confirm by handle");
+    assert_eq!(inv.counts("a").map(|c| c.reserved), Some(3));
+    inv.begin_release("u", r3.id).expect("begin");
+    inv.finish_release(r3.id, true).expect("finish");
+    assert!(matches!(inv.confirm(&r3), Err(InvError::Conflict(_))));
     assert_eq!(
         inv.confirm_reserve(ResId::new(3, 999_999)),
         Err(InvError::NotFound)
@@ -420,7 +422,17 @@ fn expiry_two_phase() {
     assert!(inv.take_due(70_000, 10).is_empty());
     inv.finish_release(r3.id, false).expect("undo");
     assert_eq!(inv.take_due(70_000, 10), vec![r3]);
-    inv.abort_reserve(pending.id).expect("abort");
+    // The pending one was passed over by every sweep since it fell due (its durable write
+    // is unsettled); once confirmed, the next sweep takes it.
+    let pending2 = new_res(&inv, "u", "q4", "b", 1, 0);
+    assert!(inv.take_due(70_100, 10).is_empty());
+    inv.confirm(&pending).expect("confirm");
+    assert_eq!(inv.take_due(70_200, 10), vec![pending.clone()]);
+    inv.finish_expire(&[pending.id], true).expect("commit");
+    // An aborted pending one leaves the wheel with it.
+    inv.abort_reserve(pending2.id).expect("abort");
+    assert!(inv.take_due(80_000, 10).is_empty());
+    assert_eq!(counts(&inv, "b"), (10, 10, 0, 0));
 }
 
 #[test]
@@ -692,7 +704,7 @@ fn expiry_wheel_edges() {
     inv.upsert("a", SPEC, Some(100)).expect("create");
     inv.upsert("far", long, Some(100)).expect("create");
     let far = held(&inv, "u", "f", "far", 1, 0); // 1_000_000: shares a bucket
-    let near: Vec<Arc<Reservation>> = (0..5)
+    let near: Vec<ResHandle> = (0..5)
         .map(|i| held(&inv, "u", &format!("n{i}"), "a", 1, 0)) // all 60_000
         .collect();
     // Take one out of the middle of the bucket; the others keep their places.

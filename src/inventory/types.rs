@@ -1,12 +1,14 @@
 //! The inventory core's vocabulary: ids, reservations, product specs and counts, requests,
 //! outcomes, errors and the restore/snapshot shape.
 //!
-//! Plain data only. Nothing here locks, allocates on a hot path beyond what a caller hands in,
-//! or knows about Redis or the wire protocol; mapping [`InvError`] to protocol error codes is
+//! Plain data, plus the one atomic a [`ResHandle`] shares with the core (its state). Nothing
+//! here locks, allocates on a hot path beyond what a caller hands in (and a handle's one
+//! allocation per reservation), or knows about Redis or the wire protocol; mapping [`InvError`] to protocol error codes is
 //! the gateway's job (the table is in docs/inventory.md and on [`InvError::code`]).
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::atomic::AtomicU8;
 use std::sync::Arc;
 
 /// Bits of a [`ResId`] that hold the per-epoch counter; the epoch sits above them.
@@ -86,6 +88,57 @@ impl FromStr for ResId {
     }
 }
 
+/// A live reservation as the core hands it out: the reservation's fields (through `Deref`)
+/// and, shared with the core, where it is in its two-phase life. Cloning it is one reference
+/// count. `confirm_reserve` flips its state without taking the shard lock, so the durable
+/// write's success costs the core no lock round trip.
+#[derive(Clone)]
+pub struct ResHandle(pub(crate) Arc<Live>);
+
+pub(crate) struct Live {
+    pub res: Reservation,
+    /// A `shard::State` as `u8`. Every change happens under the shard lock except
+    /// Pending -> Held (`confirm_reserve`, a compare-and-swap): so under the lock a state
+    /// other than Pending is stable, and Pending may become Held at any moment.
+    pub state: AtomicU8,
+}
+
+impl ResHandle {
+    pub(crate) fn new(res: Reservation, state: u8) -> ResHandle {
+        ResHandle(Arc::new(Live {
+            res,
+            state: AtomicU8::new(state),
+        }))
+    }
+
+    /// The reservation's data, to keep or compare.
+    pub fn reservation(&self) -> &Reservation {
+        &self.0.res
+    }
+}
+
+impl std::ops::Deref for ResHandle {
+    type Target = Reservation;
+    fn deref(&self) -> &Reservation {
+        &self.0.res
+    }
+}
+
+impl fmt::Debug for ResHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.res.fmt(f)
+    }
+}
+
+/// Compares the reservations (not the states).
+impl PartialEq for ResHandle {
+    fn eq(&self, other: &ResHandle) -> bool {
+        self.0.res == other.0.res
+    }
+}
+
+impl Eq for ResHandle {}
+
 /// A live reservation as the caller sees it. Price and expiry are fixed at reserve time.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reservation {
@@ -144,10 +197,10 @@ pub struct ReserveRequest {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReserveOutcome {
     /// Units were taken; the reservation is Pending until `confirm_reserve`/`abort_reserve`.
-    New(Arc<Reservation>),
+    New(ResHandle),
     /// The same (user, req, sku) already made this reservation and it is still Held: nothing
     /// was taken, answer the client with the same reservation again.
-    Existing(Arc<Reservation>),
+    Existing(ResHandle),
 }
 
 impl ReserveOutcome {

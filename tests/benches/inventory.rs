@@ -76,7 +76,7 @@ impl Core for Inventory {
         let Ok(ReserveOutcome::New(res)) = out else {
             return false;
         };
-        self.confirm_reserve(res.id).is_ok()
+        self.confirm(&res).is_ok()
             && self.begin_release(user, res.id).is_ok()
             && self.finish_release(res.id, true).is_ok()
     }
