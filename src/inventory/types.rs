@@ -3,8 +3,8 @@
 //!
 //! Plain data, plus the one atomic a [`ResHandle`] shares with the core (its state). Nothing
 //! here locks, allocates on a hot path beyond what a caller hands in (and a handle's one
-//! allocation per reservation), or knows about Redis or the wire protocol; mapping [`InvError`] to protocol error codes is
-//! the gateway's job (the table is in docs/inventory.md and on [`InvError::code`]).
+//! allocation per reservation), or knows about Redis or the wire protocol; mapping
+//! [`InvError`] to protocol error codes is the gateway's job (the table is in docs/inventory.md and on [`InvError::code`]).
 
 use std::fmt;
 use std::str::FromStr;
