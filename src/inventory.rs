@@ -147,7 +147,7 @@ impl Inventory {
     fn shard_of(&self, sku: &str) -> usize {
         // rustc-hash's finish rotates the well-mixed high bits of its product down, so the
         // low bits are good for a modulo (a mask for the default power-of-two count).
-        reduce(FxBuildHasher.hash_one(sku), self.shards.len())
+        reduce(shard::sku_hash(sku), self.shards.len())
     }
 
     fn sku_shard(&self, sku: &str) -> MutexGuard<'_, Shard> {
@@ -216,7 +216,8 @@ impl Inventory {
         if !(1..=99).contains(&r.qty) {
             return Err(InvError::InvalidQty);
         }
-        let slot = &self.shards[self.shard_of(&r.sku)];
+        let hash = shard::sku_hash(&r.sku);
+        let slot = &self.shards[reduce(hash, self.shards.len())];
         // The shard's lock and fields were last touched by whichever core served this shard
         // before: start fetching them, then hash the key while they travel.
         slot.prefetch();
@@ -225,7 +226,7 @@ impl Inventory {
         // lock, so the miss overlaps the lock and the product lookup.
         slot.1.prefetch(key.key);
         let mut g = lock(slot);
-        let out = g.reserve(r, key, self.epoch, self.idem_cap);
+        let out = g.reserve(r, hash, key, self.epoch, self.idem_cap);
         slot.1.note(&g.idem);
         out
     }

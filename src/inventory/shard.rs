@@ -10,7 +10,10 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use rustc_hash::FxHashMap;
+use std::hash::BuildHasher;
+
+use hashbrown::HashTable;
+use rustc_hash::{FxBuildHasher, FxHashMap};
 
 use super::idem::IdemTable;
 use super::types::{
@@ -214,24 +217,58 @@ impl Product {
     }
 }
 
+/// The hash of a SKU: picks its shard and its slot in the shard's product table, so the
+/// reserve path hashes the SKU once.
+pub(crate) fn sku_hash(sku: &str) -> u64 {
+    FxBuildHasher.hash_one(sku)
+}
+
+/// The hash a product table probes with: the SKU hash with its halves swapped. The shard
+/// was picked by the hash's low bits, so every SKU of a shard shares them; the table takes
+/// its bucket from the low bits and its tag from the top ones.
+fn table_hash(sku_hash: u64) -> u64 {
+    sku_hash.rotate_left(32)
+}
+
+/// A product and what finds it.
+pub(crate) struct ProductSlot {
+    /// `sku_hash(sku)`, compared before the string (it sits on the same cache line as the
+    /// counts the lookup is for, the string's bytes do not).
+    hash: u64,
+    sku: Arc<str>,
+    product: Product,
+}
+
 /// A shard's products: a `Vec` (so a reservation can name its product by index and the
-/// `finish_*` calls need no SKU lookup) and a map from SKU to index. Products are never
-/// removed one by one (only a restore resets the whole shard), so an index stays valid for
-/// the life of the shard.
+/// `finish_*` calls need no SKU lookup) and a table of indices into it, probed with the SKU
+/// hash the caller already computed for the shard. Products are never removed one by one
+/// (only a restore resets the whole shard), so an index stays valid for the life of the
+/// shard.
 #[derive(Default)]
 pub(crate) struct Products {
-    index: FxHashMap<Arc<str>, u32>,
-    list: Vec<(Arc<str>, Product)>,
+    index: HashTable<u32>,
+    list: Vec<ProductSlot>,
 }
 
 impl Products {
+    /// The index of `sku`, whose `sku_hash` is `hash`.
+    pub(crate) fn index_hashed(&self, hash: u64, sku: &str) -> Option<u32> {
+        let list = &self.list;
+        self.index
+            .find(table_hash(hash), |&i| {
+                list.get(i as usize)
+                    .is_some_and(|s| s.hash == hash && *s.sku == *sku)
+            })
+            .copied()
+    }
+
     pub(crate) fn index_of(&self, sku: &str) -> Option<u32> {
-        self.index.get(sku).copied()
+        self.index_hashed(sku_hash(sku), sku)
     }
 
     pub(crate) fn get(&self, sku: &str) -> Option<&Product> {
         let i = self.index_of(sku)?;
-        self.list.get(i as usize).map(|(_, p)| p)
+        self.list.get(i as usize).map(|s| &s.product)
     }
 
     pub(crate) fn get_mut(&mut self, sku: &str) -> Option<&mut Product> {
@@ -241,40 +278,48 @@ impl Products {
 
     /// The product at `index` (from `index_of` or a reservation's `Entry::product`).
     pub(crate) fn at_mut(&mut self, index: u32) -> Option<&mut Product> {
-        self.list.get_mut(index as usize).map(|(_, p)| p)
+        self.list.get_mut(index as usize).map(|s| &mut s.product)
     }
 
-    /// The index and product of `sku`.
-    pub(crate) fn find_mut(&mut self, sku: &str) -> Option<(u32, &mut Product)> {
-        let i = self.index_of(sku)?;
+    /// The index and product of `sku`, whose `sku_hash` is `hash`.
+    pub(crate) fn find_mut(&mut self, hash: u64, sku: &str) -> Option<(u32, &mut Product)> {
+        let i = self.index_hashed(hash, sku)?;
         self.at_mut(i).map(|p| (i, p))
     }
 
     pub(crate) fn contains_key(&self, sku: &str) -> bool {
-        self.index.contains_key(sku)
+        self.index_of(sku).is_some()
     }
 
     /// Adds `sku`, or replaces its product (keeping its index) and returns the old one.
     pub(crate) fn insert(&mut self, sku: Arc<str>, p: Product) -> Option<Product> {
-        if let Some(i) = self.index_of(&sku) {
+        let hash = sku_hash(&sku);
+        if let Some(i) = self.index_hashed(hash, &sku) {
             return self
                 .list
                 .get_mut(i as usize)
-                .map(|slot| std::mem::replace(&mut slot.1, p));
+                .map(|slot| std::mem::replace(&mut slot.product, p));
         }
         // At most one product per upsert; 2^32 products in one shard is far beyond memory.
         let i = u32::try_from(self.list.len()).unwrap_or(u32::MAX);
-        self.index.insert(Arc::clone(&sku), i);
-        self.list.push((sku, p));
+        let list = &self.list;
+        self.index.insert_unique(table_hash(hash), i, |&j| {
+            list.get(j as usize).map_or(0, |s| table_hash(s.hash))
+        });
+        self.list.push(ProductSlot {
+            hash,
+            sku,
+            product: p,
+        });
         None
     }
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &Product)> {
-        self.list.iter().map(|(s, p)| (s, p))
+        self.list.iter().map(|s| (&s.sku, &s.product))
     }
 
     pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = (&Arc<str>, &mut Product)> {
-        self.list.iter_mut().map(|(s, p)| (&*s, p))
+        self.list.iter_mut().map(|s| (&s.sku, &mut s.product))
     }
 }
 
@@ -333,12 +378,13 @@ impl Shard {
     pub(crate) fn reserve(
         &mut self,
         r: ReserveRequest,
+        sku_hash: u64,
         idem_key: IdemKey,
         epoch: u32,
         idem_cap: usize,
     ) -> Result<ReserveOutcome, InvError> {
         // Disjoint field borrows: the product stays borrowed while the other maps are used.
-        let Some((pidx, product)) = self.products.find_mut(&r.sku) else {
+        let Some((pidx, product)) = self.products.find_mut(sku_hash, &r.sku) else {
             return Err(InvError::UnknownSku);
         };
         if let Some(rec) = self.idem.get(idem_key.key) {
