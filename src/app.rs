@@ -104,8 +104,7 @@ impl App {
             shards: cfg.limits.inventory_shards,
             epoch,
             idempotency_ttl_ms: cfg.limits.idempotency_ttl.as_millis() as u64,
-            idempotency_cap_per_shard: (cfg.limits.idempotency_cap / cfg.limits.inventory_shards)
-                .max(1),
+            idempotency_cap: cfg.limits.idempotency_cap,
         }));
         let hub = Hub::new(cfg.limits.clone(), inventory.clone());
         let (committer, _task) = Committer::start(

@@ -125,7 +125,7 @@ impl Inventory {
             epoch: cfg.epoch & EPOCH_MASK,
             idem_ttl_ms: cfg.idempotency_ttl_ms,
             // The record ring addresses records by 32-bit sequence numbers.
-            idem_cap: cfg.idempotency_cap_per_shard.clamp(1, 1 << 31),
+            idem_cap: cfg.idempotency_cap.clamp(1, 1 << 31),
             idem_seed: rand::random(),
             idem_shared: SharedSeed::from_u64(rand::random()),
             fresh_floor: AtomicU64::new(0),
@@ -348,15 +348,34 @@ impl Inventory {
     }
 
     /// Phase one of expiry: up to `max` Held reservations with `expires_at <= now` become
-    /// Expiring and are returned. Also drops idempotency records older than the TTL. Cost
-    /// grows with what is due (and the shard count), not with what is held.
+    /// Expiring and are returned. Also drops idempotency records older than the TTL and,
+    /// when the last sweep counted more records than the cap, every shard's oldest in
+    /// proportion to its share of them. Cost grows with what is due and what is dropped
+    /// (and the shard count), not with what is held.
     pub fn take_due(&self, now: u64, max: usize) -> Vec<ResHandle> {
         let mut out = Vec::new();
         let n = self.shards.len();
         let start = self.sweep_cursor.fetch_add(1, Ordering::Relaxed) % n;
+        // Idempotency records: past the TTL, then the count over all shards (the reserve
+        // path keeps no global count: a shared counter would be one more cache line
+        // bouncing between cores on every reserve).
+        let counted = self
+            .shards
+            .iter()
+            .map(|s| lock(s).prune_idem(now, self.idem_ttl_ms, 0))
+            .fold(0usize, usize::saturating_add);
+        let excess = counted.saturating_sub(self.idem_cap);
         for k in 0..n {
             let mut s = lock(&self.shards[(start + k) % n]);
-            s.prune_idem(now, self.idem_ttl_ms);
+            if excess > 0 {
+                // The shard's share of the excess, rounded up: all of it goes in this sweep.
+                let share = (s.idem.len() as u128 * excess as u128).div_ceil(counted as u128);
+                s.prune_idem(
+                    now,
+                    self.idem_ttl_ms,
+                    usize::try_from(share).unwrap_or(usize::MAX),
+                );
+            }
             s.take_due(now, max, &mut out);
         }
         out

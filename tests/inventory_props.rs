@@ -227,7 +227,7 @@ fn new_inv(shards: usize) -> Inventory {
         shards,
         epoch: EPOCH,
         idempotency_ttl_ms: u64::MAX / 4,
-        idempotency_cap_per_shard: 1 << 20,
+        idempotency_cap: 1 << 20,
     })
 }
 

@@ -167,7 +167,7 @@ fn many_threads_never_oversell_and_account_for_every_unit() {
         shards: 4,
         epoch: 1,
         idempotency_ttl_ms: 1_000,
-        idempotency_cap_per_shard: 512,
+        idempotency_cap: 2048,
     }));
     for sku in SKUS {
         let spec = ProductSpec {

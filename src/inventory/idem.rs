@@ -231,6 +231,18 @@ impl IdemTable {
         }
     }
 
+    /// Records in the ring (live ones and those removed or replaced, until they leave).
+    pub(crate) fn len(&self) -> usize {
+        self.ring.len()
+    }
+
+    /// Drops the `n` oldest records (all, if there are fewer).
+    pub(crate) fn drop_oldest(&mut self, n: usize) {
+        for _ in 0..n.min(self.ring.len()) {
+            self.pop();
+        }
+    }
+
     /// Drops records made at or before `now - ttl`.
     pub(crate) fn prune(&mut self, now: u64, ttl: u64) {
         while let Some(s) = self.ring.front() {

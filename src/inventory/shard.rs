@@ -480,9 +480,12 @@ impl Shard {
         self.idem.insert(key, rec, at, cap);
     }
 
-    /// Drops idempotency records created at or before `now - ttl`.
-    pub(crate) fn prune_idem(&mut self, now: u64, ttl: u64) {
+    /// Drops idempotency records created at or before `now - ttl`, then the `trim` oldest;
+    /// returns how many are left.
+    pub(crate) fn prune_idem(&mut self, now: u64, ttl: u64, trim: usize) -> usize {
         self.idem.prune(now, ttl);
+        self.idem.drop_oldest(trim);
+        self.idem.len()
     }
 
     fn entry(&mut self, id: ResId) -> Result<&mut Entry, InvError> {

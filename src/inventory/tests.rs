@@ -13,7 +13,7 @@ fn inv() -> Inventory {
         shards: 8,
         epoch: 3,
         idempotency_ttl_ms: 10_000,
-        idempotency_cap_per_shard: 1000,
+        idempotency_cap: 8000,
     })
 }
 
@@ -610,7 +610,7 @@ fn idempotency_records_expire_and_are_capped() {
         shards: 1,
         epoch: 0,
         idempotency_ttl_ms: 1000,
-        idempotency_cap_per_shard: 2,
+        idempotency_cap: 2,
     });
     inv.upsert("a", SPEC, Some(100)).expect("create");
     let r1 = held(&inv, "u", "q1", "a", 1, 0);
@@ -631,6 +631,67 @@ fn idempotency_records_expire_and_are_capped() {
         inv.reserve(req("u", "q1", "a", 1, 1000)),
         Ok(ReserveOutcome::New(_))
     ));
+}
+
+/// The cap counts records in all shards together: the hot SKU of a rush may use the whole
+/// window (not `cap / shards` of it), and a sweep trims every shard's oldest records in
+/// proportion to its share of the excess.
+#[test]
+fn idempotency_cap_is_shared_by_all_shards() {
+    let inv = Inventory::new(InventoryConfig {
+        shards: 4,
+        epoch: 0,
+        idempotency_ttl_ms: 1_000_000,
+        idempotency_cap: 8,
+    });
+    let hot = "hot";
+    let Some(cold) = (0..100)
+        .map(|i| format!("cold{i}"))
+        .find(|s| inv.shard_of(s) != inv.shard_of(hot))
+    else {
+        panic!("no SKU in another shard");
+    };
+    inv.upsert(hot, SPEC, Some(100)).expect("create");
+    inv.upsert(&cold, SPEC, Some(100)).expect("create");
+    for i in 0..4 {
+        held(&inv, "u", &format!("c{i}"), &cold, 1, 0);
+    }
+    for i in 0..8 {
+        held(&inv, "u", &format!("h{i}"), hot, 1, 0);
+    }
+    let reqs = |sku: &str| -> Vec<String> {
+        let mut v: Vec<String> = inv
+            .snapshot()
+            .idempotency
+            .iter()
+            .filter(|r| &*r.2 == sku)
+            .map(|r| r.1.to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    // 12 records, over the cap of 8, until a sweep: the hot shard holds all 8 of its own.
+    assert_eq!(reqs(hot).len(), 8);
+    assert_eq!(reqs(&cold).len(), 4);
+    // The sweep trims 12 - 8 = 4: ceil(4 * 4 / 12) = 2 cold, ceil(8 * 4 / 12) = 3 hot, the
+    // oldest of each.
+    assert!(inv.take_due(1, 10).is_empty());
+    assert_eq!(reqs(&cold), ["c2", "c3"]);
+    assert_eq!(reqs(hot), ["h3", "h4", "h5", "h6", "h7"]);
+    // A forgotten req reserves anew; a remembered one answers the same reservation.
+    assert!(matches!(
+        inv.reserve(req("u", "h0", hot, 1, 2)),
+        Ok(ReserveOutcome::New(_))
+    ));
+    assert!(matches!(
+        inv.reserve(req("u", "h7", hot, 1, 2)),
+        Ok(ReserveOutcome::Existing(_))
+    ));
+    // One shard never holds more than the whole cap, even between sweeps.
+    for i in 10..30 {
+        held(&inv, "u", &format!("h{i}"), hot, 1, 3);
+    }
+    assert_eq!(reqs(hot).len(), 8);
 }
 
 #[test]

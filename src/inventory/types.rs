@@ -262,8 +262,11 @@ pub struct InventoryConfig {
     pub epoch: u32,
     /// How long an idempotency record is kept after the reserve that created it (ms).
     pub idempotency_ttl_ms: u64,
-    /// Hard cap of idempotency records per shard (at most 2^31); the oldest are evicted first.
-    pub idempotency_cap_per_shard: usize,
+    /// Idempotency records kept in all shards together (at most 2^31). One shard may hold
+    /// all of them (the hot SKU of a rush needs the window, not `cap / shards` of it); past
+    /// the cap, each `take_due` sweep drops every shard's oldest records in proportion to
+    /// its share, and a shard never holds more than the cap. See docs/inventory.md.
+    pub idempotency_cap: usize,
 }
 
 impl Default for InventoryConfig {
@@ -272,7 +275,7 @@ impl Default for InventoryConfig {
             shards: 64,
             epoch: 0,
             idempotency_ttl_ms: 24 * 3600 * 1000,
-            idempotency_cap_per_shard: 100_000,
+            idempotency_cap: 1_000_000,
         }
     }
 }
