@@ -3,6 +3,7 @@
 //! (so entries the order writer trims later are still seen), a full XRANGE for the union,
 //! and small helpers for hashes. Entries are flattened to string maps.
 
+use crate::report::Report;
 use anyhow::{Context, Result};
 use redis::streams::StreamReadReply;
 use std::collections::HashMap;
@@ -150,4 +151,49 @@ pub fn union(a: Vec<Entry>, b: Vec<Entry>) -> Vec<Entry> {
         .chain(b)
         .filter(|(id, _)| seen.insert(id.clone()))
         .collect()
+}
+
+/// Checks a product's durable stock in its hash `key` (`P:product:{sku}`): `stocked` is
+/// there and equals what the anchor stocked, and `held` units plus `sold` do not exceed it
+/// (no oversell in Redis). Reports the `redis stocked` row and any failure.
+pub async fn check_stock(
+    conn: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+    label: &str,
+    want_stocked: u64,
+    held: u64,
+    report: &mut Report,
+) -> Result<()> {
+    let product: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .context("HGETALL product")?;
+    let stocked: Option<u64> = product.get("stocked").and_then(|s| s.parse().ok());
+    let sold: u64 = product
+        .get("sold")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    report.row(
+        &format!("{label} redis stocked"),
+        stocked
+            .map(serde_json::Value::from)
+            .unwrap_or(serde_json::Value::Null),
+    );
+    match stocked {
+        None => report.fail(format!("{label}: product hash {key} has no `stocked`")),
+        Some(s) => {
+            if s != want_stocked {
+                report.fail(format!(
+                    "{label}: redis stocked={s}, the anchor stocked {want_stocked}"
+                ));
+            }
+            if held + sold > s {
+                report.fail(format!(
+                    "{label}: OVERSELL in Redis: {held} units held + {sold} sold > stocked {s}"
+                ));
+            }
+        }
+    }
+    Ok(())
 }

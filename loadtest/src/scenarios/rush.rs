@@ -114,6 +114,25 @@ enum Answer {
     Lost(String),
 }
 
+/// Price of the rush's one product (cents).
+pub const PRICE: i64 = 1999;
+
+/// Opens the rush's room with its one product, `stock` units, pinned; returns the anchor.
+pub async fn open_rush(ctx: &Ctx, room: &str, sku: &str, stock: u64) -> Result<Arc<Client>> {
+    super::open_sale(
+        ctx,
+        &super::Sale {
+            room,
+            title: "rush",
+            sku,
+            product: "flash deal",
+            price_cents: PRICE,
+            stock,
+        },
+    )
+    .await
+}
+
 pub async fn run(
     ctx: &Ctx,
     _common: &Common,
@@ -133,23 +152,12 @@ pub async fn run(
     };
     let room = format!("rush-{}-{label}", ctx.run_id);
     let sku = format!("{room}-sku");
-    let price = 1999i64;
+    let price = PRICE;
     report.data(
         &format!("{label} params"),
         json!({"viewers": n, "stock": stock, "qty": a.qty, "target": format!("{:?}", a.target), "join": !a.no_join}),
     );
-    let anchor = super::open_sale(
-        ctx,
-        &super::Sale {
-            room: &room,
-            title: "rush",
-            sku: &sku,
-            product: "flash deal",
-            price_cents: price,
-            stock,
-        },
-    )
-    .await?;
+    let anchor = open_rush(ctx, &room, &sku, stock).await?;
 
     let events_key = ctx.redis_key("events");
     let tail = match verify::Tail::start(&ctx.redis_url, &events_key).await {
@@ -422,40 +430,17 @@ async fn verify_redis(
         .query_async(&mut conn)
         .await
         .context("HGETALL reservations")?;
-    let product: HashMap<String, String> = redis::cmd("HGETALL")
-        .arg(ctx.redis_key(&format!("product:{sku}")))
-        .query_async(&mut conn)
-        .await
-        .context("HGETALL product")?;
-    let stocked: Option<u64> = product.get("stocked").and_then(|s| s.parse().ok());
-    let sold: u64 = product
-        .get("sold")
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
     let net = units("reserved").saturating_sub(units("released") + units("expired"));
     report.row(&format!("{label} redis reserved entries"), stream_ids.len());
-    report.row(
-        &format!("{label} redis stocked"),
-        stocked.map(Value::from).unwrap_or(Value::Null),
-    );
-    match stocked {
-        None => report.fail(format!(
-            "{label}: product hash {} has no `stocked`",
-            ctx.redis_key(&format!("product:{sku}"))
-        )),
-        Some(s) => {
-            if s != stock {
-                report.fail(format!(
-                    "{label}: redis stocked={s}, the anchor stocked {stock}"
-                ));
-            }
-            if net + sold > s {
-                report.fail(format!(
-                    "{label}: OVERSELL in Redis: {net} units held + {sold} sold > stocked {s}"
-                ));
-            }
-        }
-    }
+    verify::check_stock(
+        &mut conn,
+        &ctx.redis_key(&format!("product:{sku}")),
+        label,
+        stock,
+        net,
+        report,
+    )
+    .await?;
     let missing: Vec<&str> = reserved
         .iter()
         .map(|r| r.0.as_str())

@@ -774,19 +774,8 @@ async fn run(ctx: &Ctx, a: &Args, p: &Plan, label: &str, report: &mut Report) ->
     let tag = label.replace(' ', "-");
     let room = format!("sus-{}-{tag}", ctx.run_id);
     let sku = format!("{room}-sku");
-    let price = 1999i64;
-    let anchor = super::open_sale(
-        ctx,
-        &super::Sale {
-            room: &room,
-            title: "rush",
-            sku: &sku,
-            product: "flash deal",
-            price_cents: price,
-            stock: p.stock,
-        },
-    )
-    .await?;
+    let price = super::rush::PRICE;
+    let anchor = super::rush::open_rush(ctx, &room, &sku, p.stock).await?;
 
     let enc = ctx.dialer.encoding;
     let run_id = ctx.run_id.clone();
@@ -1119,36 +1108,16 @@ async fn verify_redis(
             break;
         }
     }
-    let product: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
-        .arg(ctx.redis_key(&format!("product:{sku}")))
-        .query_async(&mut conn)
-        .await
-        .context("HGETALL product")?;
-    let stocked: Option<u64> = product.get("stocked").and_then(|s| s.parse().ok());
-    let sold: u64 = product
-        .get("sold")
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
     report.row(&format!("{label} redis active reservations"), active.len());
-    report.row(
-        &format!("{label} redis stocked"),
-        stocked.map(Value::from).unwrap_or(Value::Null),
-    );
-    match stocked {
-        None => report.fail(format!("{label}: product hash has no `stocked`")),
-        Some(s) => {
-            if s != stocked_by_anchor {
-                report.fail(format!(
-                    "{label}: redis stocked={s}, the anchor stocked {stocked_by_anchor}"
-                ));
-            }
-            if held_units + sold > s {
-                report.fail(format!(
-                    "{label}: OVERSELL in Redis: {held_units} units held + {sold} sold > stocked {s}"
-                ));
-            }
-        }
-    }
+    verify::check_stock(
+        &mut conn,
+        &ctx.redis_key(&format!("product:{sku}")),
+        label,
+        stocked_by_anchor,
+        held_units,
+        report,
+    )
+    .await?;
     let missing: Vec<&String> = reserved.iter().filter(|id| !active.contains(*id)).collect();
     if let Some(first) = missing.first() {
         report.fail(format!(
