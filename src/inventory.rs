@@ -6,8 +6,10 @@
 //! wire format. Every state change is two-phase (`reserve` then `confirm_reserve` or
 //! `abort_reserve`, `begin_*` then `finish_*`) so the gateway can write the change durably
 //! before it tells a client, and undo it when the write fails, without ever overselling.
-//! Each SKU lives in one shard (a `parking_lot::Mutex`, held for a few hundred nanoseconds at
-//! most, never across an `.await`); only checkout and batch finishes lock several shards,
+//! Each SKU lives in one shard (a `parking_lot::Mutex`, held for a few hundred nanoseconds,
+//! never across an `.await`; the exceptions are the doubling of a shard's idempotency table,
+//! a copy as long as its records, a handful of times while it fills, and the sweeps); only
+//! checkout and batch finishes lock several shards,
 //! always in ascending index order. See docs/inventory.md for the contract and invariants.
 
 mod idem;
@@ -73,6 +75,9 @@ pub struct Inventory {
     restored_any: AtomicBool,
     /// Where the next `take_due` sweep starts, so a small `max` does not starve late shards.
     sweep_cursor: AtomicUsize,
+    /// Set while a sweep counts the idempotency records, so two overlapping sweeps do not
+    /// both trim the same excess.
+    trimming: AtomicBool,
 }
 
 /// Writes each part as a length byte and its bytes; `None` if a part is over 64 bytes.
@@ -100,6 +105,37 @@ fn reduce(x: u64, n: usize) -> usize {
         x % n
     };
     r as usize
+}
+
+/// How many of its oldest records each shard drops so that `lens` (records per shard) sum
+/// to at most `cap`: each shard's share of the excess in proportion to its records,
+/// rounded down; the remainder (fewer than the shard count) from the largest shards.
+/// Empty when the sum is within the cap.
+fn proportional_trims(lens: &[usize], cap: usize) -> Vec<usize> {
+    let total = lens.iter().fold(0usize, |a, &l| a.saturating_add(l));
+    let excess = total.saturating_sub(cap);
+    if excess == 0 {
+        return Vec::new();
+    }
+    let mut trims: Vec<usize> = lens
+        .iter()
+        .map(|&l| {
+            let share = l as u128 * excess as u128 / total as u128;
+            usize::try_from(share).unwrap_or(l).min(l)
+        })
+        .collect();
+    let mut left = excess.saturating_sub(trims.iter().sum());
+    let mut order: Vec<usize> = (0..lens.len()).collect();
+    order.sort_unstable_by_key(|&i| std::cmp::Reverse(lens[i]));
+    for i in order {
+        if left == 0 {
+            break;
+        }
+        let more = (lens[i] - trims[i]).min(left);
+        trims[i] += more;
+        left -= more;
+    }
+    trims
 }
 
 /// A locked shard and its index.
@@ -131,6 +167,7 @@ impl Inventory {
             fresh_floor: AtomicU64::new(0),
             restored_any: AtomicBool::new(false),
             sweep_cursor: AtomicUsize::new(0),
+            trimming: AtomicBool::new(false),
         }
     }
 
@@ -349,36 +386,50 @@ impl Inventory {
 
     /// Phase one of expiry: up to `max` Held reservations with `expires_at <= now` become
     /// Expiring and are returned. Also drops idempotency records older than the TTL and,
-    /// when the last sweep counted more records than the cap, every shard's oldest in
-    /// proportion to its share of them. Cost grows with what is due and what is dropped
-    /// (and the shard count), not with what is held.
+    /// when this sweep counts more records than the cap in all shards, every shard's
+    /// oldest in proportion to its share of them. Cost grows with what is due and what is
+    /// dropped (and the shard count), not with what is held.
     pub fn take_due(&self, now: u64, max: usize) -> Vec<ResHandle> {
         let mut out = Vec::new();
         let n = self.shards.len();
         let start = self.sweep_cursor.fetch_add(1, Ordering::Relaxed) % n;
-        // Idempotency records: past the TTL, then the count over all shards (the reserve
-        // path keeps no global count: a shared counter would be one more cache line
-        // bouncing between cores on every reserve).
-        let counted = self
-            .shards
-            .iter()
-            .map(|s| lock(s).prune_idem(now, self.idem_ttl_ms, 0))
-            .fold(0usize, usize::saturating_add);
-        let excess = counted.saturating_sub(self.idem_cap);
+        // Another sweep counting and trimming the same excess would trim it twice.
+        let trimmer = !self.trimming.swap(true, Ordering::Acquire);
+        let trims = if trimmer {
+            self.idem_trims(now)
+        } else {
+            Vec::new()
+        };
         for k in 0..n {
-            let mut s = lock(&self.shards[(start + k) % n]);
-            if excess > 0 {
-                // The shard's share of the excess, rounded up: all of it goes in this sweep.
-                let share = (s.idem.len() as u128 * excess as u128).div_ceil(counted as u128);
-                s.prune_idem(
-                    now,
-                    self.idem_ttl_ms,
-                    usize::try_from(share).unwrap_or(usize::MAX),
-                );
+            let i = (start + k) % n;
+            let mut s = lock(&self.shards[i]);
+            if let Some(&t) = trims.get(i).filter(|&&t| t > 0) {
+                s.prune_idem(now, self.idem_ttl_ms, t);
             }
             s.take_due(now, max, &mut out);
         }
+        if trimmer {
+            self.trimming.store(false, Ordering::Release);
+        }
         out
+    }
+
+    /// Drops idempotency records past the TTL in every shard, then says how many of its
+    /// oldest each shard must drop to bring all shards together back to the cap: its share
+    /// of the excess in proportion to its records, rounded down, the remainder (fewer than
+    /// the shard count) from the shards with the most. Rounding every share up would take
+    /// a record from every shard at every sweep over the cap: during a rush on one SKU, a
+    /// quiet SKU's records would then live less than a sweep. Empty when nothing is to be
+    /// trimmed.
+    fn idem_trims(&self, now: u64) -> Vec<usize> {
+        // The reserve path keeps no global count (a shared counter would be one more cache
+        // line bouncing between cores on every reserve): count here.
+        let lens: Vec<usize> = self
+            .shards
+            .iter()
+            .map(|s| lock(s).prune_idem(now, self.idem_ttl_ms, 0))
+            .collect();
+        proportional_trims(&lens, self.idem_cap)
     }
 
     /// Phase two of expiry, all or none (every id must be Expiring): committed -> units go
@@ -493,7 +544,10 @@ impl Inventory {
         for (sku, user, units) in state.bought {
             let g = &mut guards[self.shard_of(&sku)];
             match g.products.get_mut(&sku) {
-                Some(p) => p.users.entry(user).or_default().bought += units,
+                Some(p) => {
+                    let u = p.users.entry(user).or_default();
+                    u.bought = u.bought.saturating_add(units);
+                }
                 None => sum.skipped_rows += 1,
             }
         }

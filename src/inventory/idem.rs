@@ -55,7 +55,14 @@ pub(crate) struct IdemTable {
     index: Vec<u64>,
     /// Non-zero entries of `index` (live and stale).
     used: usize,
+    /// Where `clean_some` looks next.
+    clean_at: usize,
+    /// Inserts since the last `clean_pending`.
+    unswept: usize,
 }
+
+/// Index slots `clean_pending` looks at per insert since the last sweep.
+const CLEAN_PER_INSERT: usize = 4;
 
 const MIN_INDEX: usize = 16;
 
@@ -70,6 +77,8 @@ impl IdemTable {
             base: 0,
             index: vec![0; MIN_INDEX],
             used: 0,
+            clean_at: 0,
+            unswept: 0,
         }
     }
 
@@ -156,9 +165,12 @@ impl IdemTable {
     }
 
     /// Before an insert: drops the oldest records down to `cap - 1`, then grows the index
-    /// (records in the ring at most a quarter of it) or clears its stale entries (live and
-    /// stale at most three quarters). So a rebuild, which reads the whole ring, comes at
-    /// most once per `index.len() / 2` inserts, and unsuccessful probes stay short.
+    /// (records in the ring at most a quarter of it). Stale entries are cleared by the
+    /// sweeps (`clean_pending`), so live and stale stay well under three quarters of the
+    /// index; the full rebuild there is only a backstop for a table nobody sweeps. A
+    /// rebuild reads the whole ring under the shard lock (milliseconds for a million
+    /// records), so only the index's growth, a handful of times while a shard fills up,
+    /// pays it on a reserve.
     fn make_room(&mut self, cap: usize) {
         while self.ring.len() >= cap.max(1) {
             self.pop();
@@ -207,6 +219,48 @@ impl IdemTable {
             rec,
             live: true,
         });
+        self.unswept = self.unswept.saturating_add(1);
+    }
+
+    /// For a sweep: walks `CLEAN_PER_INSERT` index slots per insert since the last sweep
+    /// (at most the whole index) from a cursor, deleting the stale entries it meets. One
+    /// insert makes at most one entry stale (the evicted record's) and the cursor passes the
+    /// whole index every `index.len() / CLEAN_PER_INSERT` inserts, so stale entries stay
+    /// under about a quarter of it. Sequential memory, in one go under the lock (about
+    /// 180 KB for a shard taking 28,000 reserves a second, swept every 200 ms), instead of
+    /// a cold line on every reserve (measured: +0.7 simulated last-level misses per cycle
+    /// when done on each insert).
+    pub(crate) fn clean_pending(&mut self) {
+        let budget = self
+            .unswept
+            .saturating_mul(CLEAN_PER_INSERT)
+            .min(self.index.len());
+        self.unswept = 0;
+        // Inserts reuse the stale slots they probe past, which holds the index near half
+        // used by itself: walk it only past that.
+        if self.used * 16 > self.index.len() * 9 {
+            self.clean_some(budget);
+        }
+    }
+
+    /// Moves the cleaning cursor `budget` slots on, deleting the stale entries it meets
+    /// (backward shift, so the slot is looked at again before the cursor moves; deletions
+    /// are bounded by the entries in use). During one call nothing goes stale, and a shift
+    /// only moves entries into slots at or after the cursor, or between slots already
+    /// passed (which held no stale entry), so a walk of the whole index misses none.
+    fn clean_some(&mut self, budget: usize) {
+        let mask = self.mask();
+        let mut moved = 0;
+        while moved < budget {
+            let i = self.clean_at & mask;
+            let e = self.index[i];
+            if e != 0 && self.stale(e) {
+                self.delete_at(i);
+            } else {
+                self.clean_at = (i + 1) & mask;
+                moved += 1;
+            }
+        }
     }
 
     /// Forgets `key`'s record if it is the one of reservation `id`.
@@ -251,6 +305,23 @@ impl IdemTable {
             }
             self.pop();
         }
+    }
+
+    /// Gives memory back once the records are far fewer than the ring and index were grown
+    /// for (a shard that held a rush's window and went quiet): ring at least 8 times and
+    /// index at least 32 times the records. The copy is as long as what is left. Called from
+    /// the sweeps (after their prune and trim), not from `reserve`.
+    pub(crate) fn shrink_if_sparse(&mut self) {
+        let len = self.ring.len();
+        let ring_sparse = self.ring.capacity() >= 1024 && len * 8 <= self.ring.capacity();
+        let index_sparse = self.index.len() >= 4096 && (len + 1) * 32 <= self.index.len();
+        if !ring_sparse && !index_sparse {
+            return;
+        }
+        if ring_sparse {
+            self.ring.reshape((len * 2).next_power_of_two().max(16));
+        }
+        self.rebuild(((len + 1) * 4).next_power_of_two().max(MIN_INDEX));
     }
 
     /// Live records, oldest first.
@@ -307,6 +378,7 @@ impl IdemTable {
             used += 1;
         }
         self.used = used;
+        self.clean_at = 0;
     }
 }
 
@@ -360,15 +432,24 @@ impl Ring {
         true
     }
 
+    fn capacity(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Moves the slots, oldest first from position 0, into a buffer of `cap` slots (a power
+    /// of two, at least `len`).
+    fn reshape(&mut self, cap: usize) {
+        let mut buf: Vec<Slot> = Vec::with_capacity(cap);
+        buf.extend((0..self.len).filter_map(|p| self.get(p)).copied());
+        buf.resize(cap, Slot::VACANT);
+        self.buf = buf;
+        self.head = 0;
+    }
+
     fn push_back(&mut self, s: Slot) {
         if self.len == self.buf.len() {
-            // Full (or never allocated): double, oldest first from position 0.
-            let cap = (self.buf.len() * 2).max(16);
-            let mut buf: Vec<Slot> = Vec::with_capacity(cap);
-            buf.extend((0..self.len).filter_map(|p| self.get(p)).copied());
-            buf.resize(cap, Slot::VACANT);
-            self.buf = buf;
-            self.head = 0;
+            // Full (or never allocated): double.
+            self.reshape((self.buf.len() * 2).max(16));
         }
         let i = self.at(self.len);
         if let Some(slot) = self.buf.get_mut(i) {
@@ -414,5 +495,18 @@ impl IndexHint {
         }
         let home = ((tag(key) >> 1) as usize) & self.mask.load(Ordering::Relaxed);
         prefetch(addr.wrapping_add(home.wrapping_mul(8)) as *const u64);
+    }
+}
+
+#[cfg(test)]
+impl IdemTable {
+    /// (ring slots, index slots, non-zero index entries), for tests.
+    pub(crate) fn sizes(&self) -> (usize, usize, usize) {
+        (self.ring.capacity(), self.index.len(), self.used)
+    }
+
+    /// Walks the whole index once, as `clean_pending` does past its threshold.
+    pub(crate) fn clean_all(&mut self) {
+        self.clean_some(self.index.len());
     }
 }

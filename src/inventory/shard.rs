@@ -26,7 +26,7 @@ use super::wheel::{Pos, Wheel};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub(crate) enum State {
-    /// Units taken, durable write in flight (`confirm_reserve` / `abort_reserve`).
+    /// Units taken, durable write in flight (`confirm` / `abort_reserve`).
     Pending,
     /// Durable; may be released, bought or expire.
     Held,
@@ -454,7 +454,7 @@ impl Shard {
             State::Pending as u8,
         );
         let out = res.clone();
-        // Pending ones are in the wheel too: `confirm_reserve` makes them Held without the
+        // Pending ones are in the wheel too: `confirm` makes them Held without the
         // lock, so it cannot insert them; a sweep passes over a due Pending one.
         let wheel = Some(self.wheel.insert(expires_at, id.0));
         self.reservations.insert(
@@ -485,6 +485,8 @@ impl Shard {
     pub(crate) fn prune_idem(&mut self, now: u64, ttl: u64, trim: usize) -> usize {
         self.idem.prune(now, ttl);
         self.idem.drop_oldest(trim);
+        self.idem.clean_pending();
+        self.idem.shrink_if_sparse();
         self.idem.len()
     }
 
@@ -523,7 +525,7 @@ impl Shard {
 
     pub(crate) fn abort(&mut self, id: ResId) -> Result<(), InvError> {
         let e = self.entry(id)?;
-        // Under the lock only `confirm_reserve` can change a Pending state: claim it.
+        // Under the lock only `confirm` (on a handle) can change a Pending state: claim it.
         e.res
             .0
             .state

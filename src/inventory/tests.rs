@@ -673,10 +673,10 @@ fn idempotency_cap_is_shared_by_all_shards() {
     // 12 records, over the cap of 8, until a sweep: the hot shard holds all 8 of its own.
     assert_eq!(reqs(hot).len(), 8);
     assert_eq!(reqs(&cold).len(), 4);
-    // The sweep trims 12 - 8 = 4: ceil(4 * 4 / 12) = 2 cold, ceil(8 * 4 / 12) = 3 hot, the
-    // oldest of each.
+    // The sweep trims 12 - 8 = 4: floor(4 * 4 / 12) = 1 cold, floor(8 * 4 / 12) = 2 hot, and
+    // the remainder from the largest (hot): the oldest of each.
     assert!(inv.take_due(1, 10).is_empty());
-    assert_eq!(reqs(&cold), ["c2", "c3"]);
+    assert_eq!(reqs(&cold), ["c1", "c2", "c3"]);
     assert_eq!(reqs(hot), ["h3", "h4", "h5", "h6", "h7"]);
     // A forgotten req reserves anew; a remembered one answers the same reservation.
     assert!(matches!(
@@ -692,6 +692,93 @@ fn idempotency_cap_is_shared_by_all_shards() {
         held(&inv, "u", &format!("h{i}"), hot, 1, 3);
     }
     assert_eq!(reqs(hot).len(), 8);
+}
+
+/// The sweep's trims: proportional, rounded down, the remainder from the largest shards; a
+/// quiet shard's few records survive a sweep over the cap (rounding every share up would
+/// drop one of them at every sweep of a rush elsewhere).
+#[test]
+fn proportional_trims_spare_quiet_shards() {
+    use super::proportional_trims;
+    assert!(proportional_trims(&[3, 4], 7).is_empty());
+    assert!(proportional_trims(&[], 7).is_empty());
+    // A rush in shard 0, one record in shards 1 and 2, 5,600 over the cap.
+    let t = proportional_trims(&[1_000_000, 1, 1], 994_402);
+    assert_eq!(t, [5_600, 0, 0]);
+    // Shares rounded down, the remainder from the largest first, never more than a shard
+    // holds, always exactly the excess.
+    let lens = [10, 7, 3, 0, 1];
+    let t = proportional_trims(&lens, 9);
+    assert_eq!(t.iter().sum::<usize>(), 12);
+    assert!(t.iter().zip(&lens).all(|(t, l)| t <= l));
+    assert_eq!(t, [7, 4, 1, 0, 0]);
+    assert_eq!(proportional_trims(&[2, 2], 0), [2, 2]);
+}
+
+/// The idempotency table over a long run at its cap, swept now and then: stale entries are
+/// reused by inserts and cleared by sweeps past 9/16 (no full rebuild needed, the index
+/// stays well under three quarters used), and once most
+/// records are gone a sweep's shrink gives the memory back, keeping the records left.
+#[test]
+fn idem_table_cleans_as_it_goes_and_shrinks() {
+    use super::idem::IdemTable;
+    use super::shard::IdemRec;
+    let rec = |i: u64| IdemRec {
+        id: ResId(i),
+        check: i,
+        ended: false,
+    };
+    let key = |i: u64| i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let mut t = IdemTable::new();
+    let cap = 4096;
+    for i in 0..50_000u64 {
+        t.insert_new(key(i), rec(i), i, cap);
+        let (_, index, used) = t.sizes();
+        assert!(
+            used * 8 <= index * 5,
+            "step {i}: {used} of {index} index slots used"
+        );
+        if i % 1000 == 999 {
+            // What a sweep does.
+            t.clean_pending();
+        }
+    }
+    // The last `cap` records are there, older ones are not.
+    assert!(t.get(key(50_000 - 4096)).is_some());
+    assert!(t.get(key(50_000 - 4097)).is_none());
+    let (ring, index, _) = t.sizes();
+    assert!(ring >= 4096 && index >= 16_384);
+    // A sweep after the TTL of all but the last 10: memory comes back, the 10 stay.
+    t.prune(49_989, 0);
+    t.shrink_if_sparse();
+    assert_eq!(t.len(), 10);
+    let (ring, index, used) = t.sizes();
+    assert!(
+        ring <= 32 && index <= 64 && used == 10,
+        "{ring} {index} {used}"
+    );
+    for i in 49_990..50_000 {
+        assert_eq!(t.get(key(i)).map(|r| r.id), Some(ResId(i)));
+    }
+    assert!(t.get(key(49_989)).is_none());
+    // Cleaning deletes exactly the stale entries: after a walk of the whole index, the
+    // entries in use are the live records, and every one of them is still found.
+    for i in 60_000..70_000u64 {
+        t.insert_new(key(i), rec(i), i, cap);
+    }
+    t.clean_all();
+    let (_, _, used) = t.sizes();
+    assert_eq!(used, t.len());
+    for i in 70_000 - 4095..70_000 {
+        assert_eq!(t.get(key(i)).map(|r| r.id), Some(ResId(i)), "record {i}");
+    }
+    assert!(t.get(key(70_000 - 4097)).is_none());
+    // And it grows again as needed.
+    for i in 50_000..60_000u64 {
+        t.insert_new(key(i), rec(i), i, cap);
+    }
+    assert_eq!(t.len(), 4096);
+    assert!(t.get(key(59_999)).is_some());
 }
 
 #[test]

@@ -90,7 +90,7 @@ impl FromStr for ResId {
 
 /// A live reservation as the core hands it out: the reservation's fields (through `Deref`)
 /// and, shared with the core, where it is in its two-phase life. Cloning it is one reference
-/// count. `confirm_reserve` flips its state without taking the shard lock, so the durable
+/// count. `Inventory::confirm` flips its state without taking the shard lock, so the durable
 /// write's success costs the core no lock round trip.
 #[derive(Clone)]
 pub struct ResHandle(pub(crate) Arc<Live>);
@@ -98,7 +98,7 @@ pub struct ResHandle(pub(crate) Arc<Live>);
 pub(crate) struct Live {
     pub res: Reservation,
     /// A `shard::State` as `u8`. Every change happens under the shard lock except
-    /// Pending -> Held (`confirm_reserve`, a compare-and-swap): so under the lock a state
+    /// Pending -> Held (`Inventory::confirm`, a compare-and-swap): so under the lock a state
     /// other than Pending is stable, and Pending may become Held at any moment.
     pub state: AtomicU8,
 }
@@ -196,7 +196,7 @@ pub struct ReserveRequest {
 /// Result of a successful `reserve`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReserveOutcome {
-    /// Units were taken; the reservation is Pending until `confirm_reserve`/`abort_reserve`.
+    /// Units were taken; the reservation is Pending until `confirm`/`abort_reserve`.
     New(ResHandle),
     /// The same (user, req, sku) already made this reservation and it is still Held: nothing
     /// was taken, answer the client with the same reservation again.

@@ -1,5 +1,5 @@
 //! The expiry index of one shard: a timing wheel of `SLOTS` buckets of `TICK_MS` each,
-//! holding `(expires_at, id)` of every Held reservation and nothing else.
+//! holding `(expires_at, id)` of every Pending and Held reservation and nothing else.
 //!
 //! Insert and remove are O(1) with no allocation once a bucket has grown (the reservation
 //! keeps its [`Pos`]; a removal moves the bucket's last entry into the hole, and the caller
@@ -7,7 +7,8 @@
 //! sweep and `now`, so it costs O(ticks passed + entries looked at), never O(held).
 //! Reservations further out than one turn of the wheel share buckets with nearer ones and
 //! are passed over (not due) until their turn comes. The wheel knows nothing of states or
-//! reservations: the shard keeps it in step (an entry is in the wheel exactly while Held).
+//! reservations: the shard keeps it in step (an entry is in the wheel exactly while Pending
+//! or Held; a sweep passes over a due Pending one and puts it back at the cursor).
 
 /// Width of one bucket in ms.
 pub(crate) const TICK_MS: u64 = 100;
@@ -34,7 +35,8 @@ pub(crate) struct Plan {
 
 /// Invariant: an entry with `expires_at / TICK_MS >= cursor` is in bucket
 /// `(expires_at / TICK_MS) % SLOTS`; one with `expires_at / TICK_MS < cursor` (it became
-/// Held after its time had been swept past) is in bucket `cursor % SLOTS`. The cursor only
+/// Held again, or was passed over while Pending, after its time had been swept past) is in
+/// bucket `cursor % SLOTS`. The cursor only
 /// moves forward, and only past ticks whose due entries have all been taken.
 pub(crate) struct Wheel {
     buckets: Box<[Vec<(u64, u64)>]>,
