@@ -9,8 +9,8 @@
 //! Each SKU lives in one shard (a `parking_lot::Mutex`, held for a few hundred nanoseconds,
 //! never across an `.await`; the exceptions are the doubling of a shard's idempotency table,
 //! a copy as long as its records, a handful of times while it fills, and the sweeps); only
-//! checkout and batch finishes lock several shards,
-//! always in ascending index order. See docs/inventory.md for the contract and invariants.
+//! checkout and batch finishes lock several shards, always in ascending index order. See
+//! docs/inventory.md for the contract and invariants.
 
 mod idem;
 mod prefetch;
