@@ -66,16 +66,17 @@ impl State {
 
     /// Pending -> Held on `h`, without the shard lock (the only transition made without it).
     pub(crate) fn confirm(h: &ResHandle) -> Result<(), InvError> {
-        h.0.state
-            .compare_exchange(
-                State::Pending as u8,
-                State::Held as u8,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            )
-            .map(|_| ())
-            .map_err(|now| wrong_state(h.id, State::from_u8(now), "pending"))
+        claim(h, State::Pending, State::Held)
     }
+}
+
+/// `from` -> `to` on `h`'s state by compare-and-swap, the way every transition that may race
+/// the lock-free confirm is made; `Conflict` naming the state found otherwise.
+fn claim(h: &ResHandle, from: State, to: State) -> Result<(), InvError> {
+    h.0.state
+        .compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire)
+        .map(|_| ())
+        .map_err(|now| wrong_state(h.id, State::from_u8(now), from.name()))
 }
 
 pub(crate) fn wrong_state(id: ResId, s: State, wanted: &str) -> InvError {
@@ -526,16 +527,7 @@ impl Shard {
     pub(crate) fn abort(&mut self, id: ResId) -> Result<(), InvError> {
         let e = self.entry(id)?;
         // Under the lock only `confirm` (on a handle) can change a Pending state: claim it.
-        e.res
-            .0
-            .state
-            .compare_exchange(
-                State::Pending as u8,
-                State::Ended as u8,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            )
-            .map_err(|now| wrong_state(id, State::from_u8(now), "pending"))?;
+        claim(&e.res, State::Pending, State::Ended)?;
         let Some(mut e) = self.reservations.remove(&id.0) else {
             return Err(InvError::NotFound);
         };
@@ -686,13 +678,7 @@ impl Shard {
                 self.unwheel(p);
                 if let Some(e) = self.reservations.get_mut(&raw) {
                     e.wheel = None;
-                    let took = e.res.0.state.compare_exchange(
-                        State::Held as u8,
-                        State::Expiring as u8,
-                        Ordering::AcqRel,
-                        Ordering::Acquire,
-                    );
-                    match took {
+                    match claim(&e.res, State::Held, State::Expiring) {
                         Ok(_) => out.push(e.res.clone()),
                         Err(_) => deferred.push(raw),
                     }
