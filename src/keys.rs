@@ -12,6 +12,23 @@ pub struct Keys {
 /// The consumer group of the order writer on the events stream.
 pub const ORDER_WRITER_GROUP: &str = "order-writer";
 
+/// Width of one `add_to_cart` idempotency bucket (`P:idem:reserves:{bucket}`), in ms.
+pub const IDEM_BUCKET_MS: u64 = 60_000;
+
+/// The idempotency bucket of a record written at `unix_ms`.
+pub fn idem_bucket(unix_ms: u64) -> u64 {
+    unix_ms / IDEM_BUCKET_MS
+}
+
+/// When bucket `bucket` may go: `ttl_ms` after its last possible write, so every record in
+/// it lives at least `ttl_ms` (and at most `ttl_ms` + one bucket width).
+pub fn idem_bucket_expiry(bucket: u64, ttl_ms: u64) -> u64 {
+    bucket
+        .saturating_add(1)
+        .saturating_mul(IDEM_BUCKET_MS)
+        .saturating_add(ttl_ms)
+}
+
 impl Keys {
     pub fn new(prefix: &str) -> Keys {
         Keys {
@@ -58,16 +75,29 @@ impl Keys {
         format!("{}:reservations", self.prefix)
     }
 
-    /// Idempotency record of `add_to_cart` (user, req, sku) -> reservation id, with a TTL.
-    /// Lengths first, so any user id (it may hold `:`) parses back unambiguously:
-    /// `P:idem:reserve:{len(user)}:{len(req)}:{user}:{req}:{sku}`.
+    /// One-key idempotency record of `add_to_cart` (user, req, sku) -> reservation id, with
+    /// a TTL: `P:idem:reserve:{field}` (see [`Keys::reserve_idem_field`]). Written by the Lua
+    /// baseline; the core writes buckets instead ([`Keys::reserve_idem_bucket`]) and still
+    /// reads these at start.
     pub fn reserve_idem(&self, user: &str, req: &str, sku: &str) -> String {
         format!(
-            "{}:idem:reserve:{}:{}:{user}:{req}:{sku}",
+            "{}:idem:reserve:{}",
             self.prefix,
-            user.len(),
-            req.len()
+            Keys::reserve_idem_field(user, req, sku)
         )
+    }
+
+    /// Hash of the `add_to_cart` idempotency records written in one bucket of
+    /// [`IDEM_BUCKET_MS`]: field (see [`Keys::reserve_idem_field`]) -> `{reservation id}
+    /// {sku}`; the whole hash expires at [`idem_bucket_expiry`].
+    pub fn reserve_idem_bucket(&self, bucket: u64) -> String {
+        format!("{}:idem:reserves:{bucket}", self.prefix)
+    }
+
+    /// The (user, req, sku) of an idempotency record. Lengths first, so any user id (it
+    /// may hold `:`) parses back unambiguously: `{len(user)}:{len(req)}:{user}:{req}:{sku}`.
+    pub fn reserve_idem_field(user: &str, req: &str, sku: &str) -> String {
+        format!("{}:{}:{user}:{req}:{sku}", user.len(), req.len())
     }
 
     /// Idempotency record of `checkout` (user, req) -> order id and total, with a TTL.
@@ -112,6 +142,7 @@ mod tests {
             k.buyers("sku-1"),
             k.reservations(),
             k.reserve_idem("u:1", "r1", "s"),
+            k.reserve_idem_bucket(idem_bucket(1_700_000_000_000)),
             k.order_idem("u", "r"),
             k.rooms(),
             k.room("room"),
@@ -135,5 +166,18 @@ mod tests {
             k.reserve_idem("a", "x", "s2")
         );
         assert_ne!(k.order_idem("a:1", "x"), k.order_idem("a", "1:x"));
+    }
+
+    #[test]
+    fn idempotency_buckets_keep_every_record_for_the_ttl() {
+        let ttl = 86_400_000;
+        for written in [0, 1, IDEM_BUCKET_MS - 1, IDEM_BUCKET_MS, 1_700_000_123_456] {
+            let expiry = idem_bucket_expiry(idem_bucket(written), ttl);
+            assert!(expiry >= written + ttl, "{written}");
+            assert!(expiry <= written + ttl + IDEM_BUCKET_MS, "{written}");
+        }
+        // The scan pattern of the one-key records does not match a bucket.
+        let k = Keys::new("p");
+        assert!(!k.reserve_idem_bucket(7).starts_with("p:idem:reserve:"));
     }
 }

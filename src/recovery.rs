@@ -83,29 +83,48 @@ pub async fn restore(app: &Arc<App>) -> Result<(), redis::RedisError> {
             None => bad += 1,
         }
     }
-    let pattern = format!("{}:idem:reserve:*", k.prefix());
-    let mut idem_keys: Vec<String> = Vec::new();
+    // Idempotency records: the buckets `P:idem:reserves:{n}` the core writes, and the
+    // one-key records `P:idem:reserve:{field}` (the Lua baseline, older versions). One scan
+    // finds both; `reserve*` matches both names.
+    let pattern = format!("{}:idem:reserve*", k.prefix());
+    let bucket_prefix = format!("{}:idem:reserves:", k.prefix());
+    let (mut buckets, mut single_keys) = (Vec::new(), Vec::new());
     {
         let mut iter: redis::AsyncIter<String> = c.scan_match(&pattern).await?;
         while let Some(key) = iter.next_item().await {
-            idem_keys.push(key?);
+            let key = key?;
+            if key.starts_with(&bucket_prefix) {
+                buckets.push(key);
+            } else {
+                single_keys.push(key);
+            }
         }
     }
-    for chunk in idem_keys.chunks(500) {
-        let values: Vec<Option<String>> = redis::cmd("MGET").arg(chunk).query_async(&mut c).await?;
-        for (key, value) in chunk.iter().zip(values) {
-            let (Some(value), Some((user, req, sku))) = (value, parse_idem_key(k.prefix(), key))
-            else {
-                continue;
-            };
-            let id = value.split(' ').next().unwrap_or_default();
-            let Some(rid) = ResId::parse(id) else {
-                continue;
-            };
+    let mut add_record = |user: &str, req: &str, sku: &str, value: &str| {
+        let id = value.split(' ').next().unwrap_or_default();
+        if let Some(rid) = ResId::parse(id) {
             let ended = !records.contains_key(id);
             state
                 .idempotency
                 .push((Arc::from(user), Arc::from(req), Arc::from(sku), rid, ended));
+        }
+    };
+    for bucket in &buckets {
+        let mut iter: redis::AsyncIter<(String, String)> = c.hscan(bucket).await?;
+        while let Some(item) = iter.next_item().await {
+            let (field, value) = item?;
+            if let Some((user, req, sku)) = parse_idem_field(&field) {
+                add_record(user, req, sku, &value);
+            }
+        }
+    }
+    for chunk in single_keys.chunks(500) {
+        let values: Vec<Option<String>> = redis::cmd("MGET").arg(chunk).query_async(&mut c).await?;
+        for (key, value) in chunk.iter().zip(values) {
+            if let (Some(value), Some((user, req, sku))) = (value, parse_idem_key(k.prefix(), key))
+            {
+                add_record(user, req, sku, &value);
+            }
         }
     }
     let summary = app.inventory.restore(state, now);
@@ -176,7 +195,11 @@ pub fn parse_reservation(id: &str, json: &str) -> Option<Reservation> {
 
 /// `P:idem:reserve:{len(user)}:{len(req)}:{user}:{req}:{sku}` -> (user, req, sku).
 fn parse_idem_key<'a>(prefix: &str, key: &'a str) -> Option<(&'a str, &'a str, &'a str)> {
-    let rest = key.strip_prefix(prefix)?.strip_prefix(":idem:reserve:")?;
+    parse_idem_field(key.strip_prefix(prefix)?.strip_prefix(":idem:reserve:")?)
+}
+
+/// `{len(user)}:{len(req)}:{user}:{req}:{sku}` -> (user, req, sku).
+fn parse_idem_field(rest: &str) -> Option<(&str, &str, &str)> {
     let (ulen, rest) = rest.split_once(':')?;
     let (rlen, rest) = rest.split_once(':')?;
     let (ulen, rlen): (usize, usize) = (ulen.parse().ok()?, rlen.parse().ok()?);
@@ -375,6 +398,8 @@ mod tests {
         let keys = crate::keys::Keys::new("lg");
         for (user, req, sku) in [("u1", "r1", "s"), ("a:b", "x:y", "s:1"), ("ü", "q", "z")] {
             let key = keys.reserve_idem(user, req, sku);
+            let field = crate::keys::Keys::reserve_idem_field(user, req, sku);
+            assert_eq!(parse_idem_field(&field), Some((user, req, sku)), "{field}");
             assert_eq!(parse_idem_key("lg", &key), Some((user, req, sku)), "{key}");
         }
         assert_eq!(parse_idem_key("lg", "lg:idem:reserve:99:1:r:u:s"), None);

@@ -293,7 +293,7 @@ async fn a_restart_restores_rooms_shelves_pins_and_reservations() {
     gw.stop().await;
     drop(gw);
 
-    let gw2 = Gateway::start_with(&redis.url(), &cfg).await;
+    let mut gw2 = Gateway::start_with(&redis.url(), &cfg).await;
     let mut v = gw2.viewer("alice").await;
     let st = v
         .request(json!({"type":"join","room":"room","since":3}))
@@ -314,6 +314,31 @@ async fn a_restart_restores_rooms_shelves_pins_and_reservations() {
     let rel = v.request(json!({"type":"release","reservation":id})).await;
     assert_eq!(rel["type"], "released");
     assert_eq!(gw2.app.inventory.available("sku"), Some(10));
+    gw2.stop().await;
+    drop(gw2);
+
+    // The idempotency record outlives the reservation and the restart: the same req does
+    // not buy a second time, it is told its reservation ended.
+    let gw3 = Gateway::start_with(&redis.url(), &cfg).await;
+    let mut v = gw3.viewer("alice").await;
+    v.send(json!({"type":"add_to_cart","req":"cart-1","room":"room","sku":"sku","qty":3}))
+        .await;
+    let ended = v.reply_to("cart-1").await;
+    assert_eq!(ended["type"], "error", "{ended}");
+    assert_eq!(ended["code"], "conflict", "{ended}");
+    assert_eq!(gw3.app.inventory.available("sku"), Some(10));
+    // The record lives in this minute's bucket, which expires after the idempotency TTL.
+    let mut c = redis_conn(&redis.url()).await;
+    let buckets: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:idem:reserves:*"))
+        .query_async(&mut c)
+        .await
+        .expect("keys");
+    assert!(!buckets.is_empty(), "no idempotency bucket written");
+    for b in &buckets {
+        let ttl: i64 = c.pttl(b).await.expect("pttl");
+        assert!(ttl > 0, "bucket {b} has no expiry ({ttl})");
+    }
 }
 
 #[tokio::test]

@@ -11,9 +11,10 @@ use std::sync::Arc;
 use super::{anchor::inv_error, find_room, unavailable, Reply, Session};
 use crate::{
     app::App,
-    commit::CommitError,
+    commit::{Change, CommitError, HashWrite},
     config::ReserveMode,
     inventory::{ResId, Reservation, ReserveOutcome, ReserveRequest},
+    keys,
     metrics::{self as m, unix_ms},
     protocol::{ErrorCode, ProtoError, ServerMsg},
 };
@@ -33,19 +34,27 @@ pub fn reservation_record(r: &Reservation) -> String {
     .to_string()
 }
 
-/// The state-key writes that make a reservation durable (also used on an idempotent retry).
-fn reservation_state(app: &App, r: &Reservation) -> Vec<redis::Cmd> {
+/// The state writes that make a reservation durable: its record in `P:reservations` and
+/// its idempotency record in the current bucket. Both are hash writes, merged with the rest
+/// of the batch's into one `HSET` per hash by the committer.
+fn reservation_state(app: &App, r: &Reservation, now: u64) -> Vec<HashWrite> {
     let id = r.id.to_string();
-    let mut hset = redis::cmd("HSET");
-    hset.arg(app.keys.reservations())
-        .arg(&id)
-        .arg(reservation_record(r));
-    let mut idem = redis::cmd("SET");
-    idem.arg(app.keys.reserve_idem(&r.user, &r.req, &r.sku))
-        .arg(format!("{id} {}", r.sku))
-        .arg("PX")
-        .arg(app.cfg.limits.idempotency_ttl.as_millis() as u64);
-    vec![hset, idem]
+    let bucket = keys::idem_bucket(now);
+    let ttl_ms = app.cfg.limits.idempotency_ttl.as_millis() as u64;
+    vec![
+        HashWrite {
+            key: app.keys.reservations(),
+            field: id.clone(),
+            value: reservation_record(r),
+            expire_at_ms: None,
+        },
+        HashWrite {
+            key: app.keys.reserve_idem_bucket(bucket),
+            field: keys::Keys::reserve_idem_field(&r.user, &r.req, &r.sku),
+            value: format!("{id} {}", r.sku),
+            expire_at_ms: Some(keys::idem_bucket_expiry(bucket, ttl_ms)),
+        },
+    ]
 }
 
 pub(super) fn reserved_reply(req: String, r: &Reservation) -> ServerMsg {
@@ -107,7 +116,6 @@ pub async fn add_to_cart(
         // reservation is Held only once Redis holds it.
         ReserveOutcome::Existing(res) => Ok(Some(reserved_reply(req, &res))),
         ReserveOutcome::New(res) => {
-            let mut cmds = reservation_state(app, &res);
             let mut xadd = crate::commit::event(&app.keys, "reserved");
             xadd.arg("reservation")
                 .arg(res.id.to_string())
@@ -127,8 +135,11 @@ pub async fn add_to_cart(
                 .arg(res.expires_at)
                 .arg("at")
                 .arg(now);
-            cmds.insert(0, xadd);
-            match app.committer.commit(cmds).await {
+            let change = Change {
+                cmds: vec![xadd],
+                hash_writes: reservation_state(app, &res, now),
+            };
+            match app.committer.commit_change(change).await {
                 Ok(()) => {
                     let _ = app.inventory.confirm(&res);
                     metrics::counter!(m::RESERVATIONS).increment(1);
