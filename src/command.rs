@@ -4,6 +4,8 @@
 //!
 //! Commands see typed messages only (never bytes, never sockets). They must not block the
 //! reader on another client: they await the committer or a room's queue, never a socket.
+//! `add_to_cart` does not even await the committer: it returns the wait as an [`InFlight`]
+//! future, so one connection's pipelined carts join the same group commit.
 
 mod anchor;
 mod cart;
@@ -12,7 +14,7 @@ mod viewer;
 
 pub use cart::reservation_record;
 
-use std::{collections::HashMap, sync::Arc, time::Instant};
+use std::{collections::HashMap, future::Future, pin::Pin, sync::Arc, time::Instant};
 
 use crate::{
     app::App,
@@ -84,15 +86,50 @@ impl TokenBucket {
 /// itself, or the message had no `req`).
 pub type Reply = Result<Option<ServerMsg>, ProtoError>;
 
-/// Runs one decoded client message and queues its reply on the session's outbox.
-pub async fn dispatch(app: &Arc<App>, s: &mut Session, msg: ClientMsg) {
+/// What a command that waits for a durable write hands back: its reply now, or the rest of
+/// the command as a future that owns what it needs (it must not hold the session).
+pub enum Step {
+    Now(Reply),
+    Later(Pin<Box<dyn Future<Output = Reply> + Send>>),
+}
+
+/// The rest of a command whose reply waits for Redis; the connection polls it beside its
+/// next frames, at most `LIVEGATE_CONN_INFLIGHT` at once. It queues its reply itself.
+pub type InFlight = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Runs one decoded client message and queues its reply on the session's outbox, or, for
+/// `add_to_cart`, makes the in-memory change now and returns the wait for its durable
+/// write (so a client that pipelines its carts has them committed in one batch).
+pub async fn dispatch(app: &Arc<App>, s: &mut Session, msg: ClientMsg) -> Option<InFlight> {
     let kind = msg.kind();
     metrics::counter!(m::COMMANDS, "type" => kind).increment(1);
     let req = msg.req().map(str::to_string);
-    let result = run(app, s, msg).await;
+    let result = match msg {
+        ClientMsg::AddToCart {
+            req: r,
+            room,
+            sku,
+            qty,
+        } => match cart::add_to_cart(app, s, r, room, sku, qty) {
+            Step::Now(result) => result,
+            Step::Later(rest) => {
+                let outbox = s.outbox.clone();
+                return Some(Box::pin(async move {
+                    let result = rest.await;
+                    answer(&outbox, kind, req, result);
+                }));
+            }
+        },
+        msg => run(app, s, msg).await,
+    };
+    answer(&s.outbox, kind, req, result);
+    None
+}
+
+fn answer(outbox: &Outbox, kind: &'static str, req: Option<String>, result: Reply) {
     match result {
         Ok(Some(reply)) => {
-            s.outbox.send(&reply);
+            outbox.send(&reply);
         }
         Ok(None) => {}
         Err(e) => {
@@ -100,7 +137,7 @@ pub async fn dispatch(app: &Arc<App>, s: &mut Session, msg: ClientMsg) {
             if e.code == ErrorCode::Internal {
                 tracing::error!(kind, error = %e.message, "command failed");
             }
-            s.outbox.send(&ServerMsg::error(req, e));
+            outbox.send(&ServerMsg::error(req, e));
         }
     }
 }
@@ -118,12 +155,16 @@ async fn run(app: &Arc<App>, s: &mut Session, msg: ClientMsg) -> Reply {
         Comment { req, room, text } => viewer::comment(app, s, req, room, text),
         Like { req, room, count } => viewer::like(app, s, req, room, count),
         Ping { req } => Ok(Some(ServerMsg::Pong { req })),
+        // Always taken by `dispatch`; answered here too so the match stays whole.
         AddToCart {
             req,
             room,
             sku,
             qty,
-        } => cart::add_to_cart(app, s, req, room, sku, qty).await,
+        } => match cart::add_to_cart(app, s, req, room, sku, qty) {
+            Step::Now(result) => result,
+            Step::Later(rest) => rest.await,
+        },
         Release { req, reservation } => cart::release(app, s, req, reservation).await,
         Checkout { req, reservations } => cart::checkout(app, s, req, reservations).await,
         OpenRoom { req, room, title } => anchor::open_room(app, s, req, room, title).await,

@@ -38,6 +38,9 @@ pub struct Limits {
     pub max_frame_bytes: usize,
     /// Messages queued towards one client; over it, close 4001.
     pub outbound_queue: usize,
+    /// `add_to_cart` commands of one connection waiting for their durable write at once;
+    /// at the bound the connection's next frames wait unread.
+    pub conn_inflight: usize,
     /// Sustained commands per second per connection.
     pub rate_per_sec: u32,
     /// Burst of commands per connection.
@@ -215,6 +218,7 @@ impl Config {
             max_connections: r.num("LIVEGATE_MAX_CONNECTIONS", 100_000, 1, 10_000_000),
             max_frame_bytes: r.num("LIVEGATE_MAX_FRAME_BYTES", 16 * 1024, 256, 16 << 20),
             outbound_queue: r.num("LIVEGATE_OUTBOUND_QUEUE", 1024, 8, 1 << 20),
+            conn_inflight: r.num("LIVEGATE_CONN_INFLIGHT", 16, 1, 4096),
             rate_per_sec: r.num("LIVEGATE_RATE_PER_SEC", 20, 1, 1_000_000),
             rate_burst: r.num("LIVEGATE_RATE_BURST", 40, 1, 1_000_000),
             heartbeat: r.millis("LIVEGATE_HEARTBEAT_MS", 15_000, 50, 3_600_000),

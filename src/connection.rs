@@ -4,7 +4,8 @@
 //! The writer task alone owns the socket's sink: it drains the bounded outgoing queue in as
 //! few writes as it can, sends heartbeat pings, and sends the close frame when the kill
 //! switch is thrown. The reader decodes frames, applies the rate and abuse limits and runs
-//! commands; it never awaits another client's socket. Clean-up happens in exactly one place,
+//! commands; it never awaits another client's socket. Carts waiting for their durable
+//! write (up to `LIVEGATE_CONN_INFLIGHT`) are polled beside the next frames. Clean-up happens in exactly one place,
 //! at the end of [`serve`].
 
 use std::{sync::Arc, time::Duration};
@@ -15,7 +16,10 @@ use axum::{
     http::{header, HeaderMap, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
 };
-use futures::{stream::SplitSink, SinkExt, StreamExt};
+use futures::{
+    stream::{FuturesUnordered, SplitSink},
+    SinkExt, StreamExt,
+};
 use hyper_util::rt::TokioIo;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::{
@@ -213,11 +217,19 @@ async fn serve(
     let idle = limits.heartbeat * 3;
     let mut bad_frames = TokenBucket::new(1, limits.max_bad_frames);
     let mut refused_in_row = 0u32;
+    // Carts waiting for their group commit; at the bound, frames wait unread (TCP
+    // backpressure on this client alone) until one is answered.
+    let mut inflight: FuturesUnordered<command::InFlight> = FuturesUnordered::new();
+    let max_inflight = limits.conn_inflight;
     loop {
+        let room_to_read = inflight.len() < max_inflight;
         let next = tokio::select! {
             biased;
             _ = kill.killed() => break,
-            next = tokio::time::timeout(idle, stream.next()) => next,
+            Some(()) = inflight.next(), if !inflight.is_empty() => continue,
+            next = tokio::time::timeout(idle, stream.next()), if room_to_read => next,
+            // Only reached with the bound full (the branch above is then enabled).
+            else => continue,
         };
         let msg = match next {
             Err(_) => {
@@ -281,10 +293,18 @@ async fn serve(
                 refused_in_row = 0;
                 // Boxed: the reader of an idle connection does not carry the state of the
                 // largest command while it waits for the next frame.
-                Box::pin(command::dispatch(&app, &mut session, msg)).await;
+                if let Some(rest) = Box::pin(command::dispatch(&app, &mut session, msg)).await {
+                    inflight.push(rest);
+                    if inflight.len() >= max_inflight {
+                        metrics::counter!(m::CONN_INFLIGHT_FULL).increment(1);
+                    }
+                }
             }
         }
     }
+    // Every cart in flight finishes (bounded by the commit timeout): its reservation is
+    // confirmed or undone, and its reply queued for the writer's last flush.
+    while inflight.next().await.is_some() {}
     // Clean-up, the one place: leave every room, forget the connection, let the writer
     // send the close frame and finish.
     for room in session.rooms.keys() {

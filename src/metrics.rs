@@ -17,6 +17,7 @@ pub const AUTH_FAILURES: &str = "livegate_auth_failures_total";
 pub const COMMANDS: &str = "livegate_commands_total";
 pub const COMMAND_ERRORS: &str = "livegate_command_errors_total";
 pub const RATE_LIMITED: &str = "livegate_rate_limited_total";
+pub const CONN_INFLIGHT_FULL: &str = "livegate_conn_inflight_full_total";
 pub const FRAMES_UNDECODABLE: &str = "livegate_frames_undecodable_total";
 pub const OUTBOUND_DROPPED: &str = "livegate_outbound_overflow_total";
 pub const MESSAGES_SENT: &str = "livegate_messages_sent_total";
@@ -83,6 +84,10 @@ fn describe() {
     describe_counter!(
         RATE_LIMITED,
         "Commands refused by the per-connection rate limit"
+    );
+    describe_counter!(
+        CONN_INFLIGHT_FULL,
+        "Times a connection reached LIVEGATE_CONN_INFLIGHT carts awaiting their durable write and stopped reading until one was answered"
     );
     describe_counter!(
         FRAMES_UNDECODABLE,

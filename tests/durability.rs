@@ -533,3 +533,146 @@ async fn try_get(addr: std::net::SocketAddr, path: &str) -> Result<(u16, String)
         .ok_or(())?;
     Ok((status, text))
 }
+
+/// Sends carts on one connection without waiting for their replies.
+async fn send_carts(c: &mut Client, reqs: &[String]) {
+    for req in reqs {
+        c.send(json!({"type":"add_to_cart","req":req,"room":"p","sku":"s","qty":1}))
+            .await;
+    }
+}
+
+/// Collects the one reply to each of `reqs`, in whatever order they come.
+async fn replies_to(c: &mut Client, reqs: &[String]) -> HashMap<String, Value> {
+    let mut replies = HashMap::new();
+    while replies.len() < reqs.len() {
+        let m = c.recv().await;
+        if let Some(req) = m["req"].as_str().filter(|r| reqs.iter().any(|q| q == r)) {
+            assert!(
+                replies.insert(req.to_string(), m.clone()).is_none(),
+                "two replies to {req}: {m}"
+            );
+        }
+    }
+    replies
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_carts_on_one_connection_are_all_answered_and_recorded() {
+    let redis = RedisServer::start();
+    let prefix = unique_prefix();
+    // A bound of 3 carts in flight, so the reader also stops and resumes reading.
+    let cfg = [
+        ("LIVEGATE_KEY_PREFIX", prefix.as_str()),
+        ("LIVEGATE_CONN_INFLIGHT", "3"),
+        ("LIVEGATE_RATE_PER_SEC", "100000"),
+        ("LIVEGATE_RATE_BURST", "100000"),
+    ];
+    let gw = Gateway::start_with(&redis.url(), &cfg).await;
+    let _anchor = room_with_product(&gw, "p", "s", 1000).await;
+    let mut v = gw.viewer("piper").await;
+    let carts: Vec<String> = (0..40).map(|i| format!("c{i}")).collect();
+    send_carts(&mut v, &carts[..20]).await;
+    // A command that is not a cart, in the middle, is answered too.
+    v.send(json!({"type":"ping","req":"p1"})).await;
+    send_carts(&mut v, &carts[20..]).await;
+    let mut all = carts.clone();
+    all.push("p1".into());
+    let mut replies = replies_to(&mut v, &all).await;
+    let pong = replies.remove("p1").expect("pong");
+    assert_eq!(pong["type"], "pong");
+    let mut c = redis_conn(&redis.url()).await;
+    let held: HashMap<String, String> = c
+        .hgetall(format!("{prefix}:reservations"))
+        .await
+        .expect("hgetall");
+    let mut ids = std::collections::HashSet::new();
+    for (req, r) in &replies {
+        assert_eq!(r["type"], "reserved", "{req}: {r}");
+        let id = r["reservation"].as_str().expect("id").to_string();
+        assert!(held.contains_key(&id), "{id} not in redis");
+        assert!(ids.insert(id), "one reservation per req");
+    }
+    assert_eq!(held.len(), 40);
+    assert_eq!(gw.app.inventory.available("s"), Some(960));
+    assert_eq!(
+        stream_entries(&redis.url(), &prefix, "reserved")
+            .await
+            .len(),
+        40
+    );
+
+    // The same req twice back to back: the second is refused while the first waits for
+    // Redis (or, if Redis was faster than the reader, answered with the same reservation);
+    // a retry after the reply always gets the same reservation.
+    let dup = vec!["dup".to_string(), "dup".to_string()];
+    send_carts(&mut v, &dup).await;
+    let first = v.reply_to("dup").await;
+    let second = v.reply_to("dup").await;
+    // Either may come first: the refusal is answered at once, the reservation after Redis.
+    let (first, second) = if first["type"] == "reserved" {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    assert_eq!(first["type"], "reserved", "{first}");
+    assert!(
+        second["code"] == "conflict" || second["reservation"] == first["reservation"],
+        "{second}"
+    );
+    v.send(json!({"type":"add_to_cart","req":"dup","room":"p","sku":"s","qty":1}))
+        .await;
+    let again = v.reply_to("dup").await;
+    assert_eq!(again["reservation"], first["reservation"], "{again}");
+    assert_eq!(gw.app.inventory.available("s"), Some(959));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_dropped_with_carts_in_flight_leaves_none_half_done() {
+    let redis = RedisServer::start();
+    let prefix = unique_prefix();
+    let cfg = [
+        ("LIVEGATE_KEY_PREFIX", prefix.as_str()),
+        ("LIVEGATE_RATE_PER_SEC", "100000"),
+        ("LIVEGATE_RATE_BURST", "100000"),
+    ];
+    let gw = Gateway::start_with(&redis.url(), &cfg).await;
+    let _anchor = room_with_product(&gw, "p", "s", 1000).await;
+    let mut v = gw.viewer("dropper").await;
+    for i in 0..16 {
+        v.send(json!({"type":"add_to_cart","req":format!("d{i}"),"room":"p","sku":"s","qty":1}))
+            .await;
+    }
+    // Gone without a close frame, carts still waiting for their group commit.
+    drop(v);
+    // Every cart that reached the gateway ends recorded and Held (so its owner can release
+    // it), or undone; none stays half done holding units.
+    let mut c = redis_conn(&redis.url()).await;
+    let mut again = gw.viewer("dropper").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let held: HashMap<String, String> = c
+            .hgetall(format!("{prefix}:reservations"))
+            .await
+            .expect("hgetall");
+        let counts = gw.app.inventory.counts("s").expect("sku");
+        if counts.reserved == held.len() as u64 {
+            for id in held.keys() {
+                let r = again
+                    .request(json!({"type":"release","reservation":id}))
+                    .await;
+                assert_eq!(r["type"], "released", "{id}: {r}");
+            }
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "core holds {} units, redis {} reservations",
+            counts.reserved,
+            held.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let counts = gw.app.inventory.counts("s").expect("sku");
+    assert_eq!((counts.available, counts.reserved), (1000, 0));
+}

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use super::{anchor::inv_error, find_room, unavailable, Reply, Session};
+use super::{anchor::inv_error, find_room, unavailable, Reply, Session, Step};
 use crate::{
     app::App,
     commit::{Change, CommitError, HashWrite},
@@ -69,14 +69,31 @@ pub(super) fn reserved_reply(req: String, r: &Reservation) -> ServerMsg {
     }
 }
 
-pub async fn add_to_cart(
+/// `add_to_cart` in two parts: the checks and the in-memory reserve run now, in the order
+/// the connection sent its commands; the wait for the durable write is returned as a
+/// [`Step::Later`] that the connection polls beside its next frames.
+pub fn add_to_cart(
     app: &Arc<App>,
     s: &mut Session,
     req: String,
     room: String,
     sku: String,
     qty: u32,
-) -> Reply {
+) -> Step {
+    match reserve_now(app, s, req, room, sku, qty) {
+        Ok(step) => step,
+        Err(e) => Step::Now(Err(e)),
+    }
+}
+
+fn reserve_now(
+    app: &Arc<App>,
+    s: &mut Session,
+    req: String,
+    room: String,
+    sku: String,
+    qty: u32,
+) -> Result<Step, ProtoError> {
     let r = find_room(app, &room)?;
     if !r.counters.is_live() {
         return Err(ProtoError::new(
@@ -97,7 +114,8 @@ pub async fn add_to_cart(
     };
     let now = unix_ms();
     if app.cfg.reserve_mode == ReserveMode::Lua {
-        return super::lua_baseline::reserve(app, s, req, &r.id, &sku, qty, referrer, now).await;
+        let fut = super::lua_baseline::reserve(app, s, req, &r.id, &sku, qty, referrer, now);
+        return Ok(Step::Later(Box::pin(fut)));
     }
     let outcome = app
         .inventory
@@ -111,63 +129,65 @@ pub async fn add_to_cart(
             now,
         })
         .map_err(inv_error)?;
-    match outcome {
+    let res = match outcome {
         // A retry: the core answers Existing only for a Held reservation, and a
         // reservation is Held only once Redis holds it.
-        ReserveOutcome::Existing(res) => Ok(Some(reserved_reply(req, &res))),
-        ReserveOutcome::New(res) => {
-            let mut xadd = crate::commit::event(&app.keys, "reserved");
-            xadd.arg("reservation")
-                .arg(res.id.to_string())
-                .arg("user")
-                .arg(&*res.user)
-                .arg("req")
-                .arg(&*res.req)
-                .arg("room")
-                .arg(&*res.room)
-                .arg("sku")
-                .arg(&*res.sku)
-                .arg("qty")
-                .arg(res.qty)
-                .arg("price_cents")
-                .arg(res.price_cents)
-                .arg("expires_at")
-                .arg(res.expires_at)
-                .arg("at")
-                .arg(now);
-            let change = Change {
-                cmds: vec![xadd],
-                hash_writes: reservation_state(app, &res, now),
-            };
-            match app.committer.commit_change(change).await {
-                Ok(()) => {
-                    let _ = app.inventory.confirm(&res);
-                    metrics::counter!(m::RESERVATIONS).increment(1);
-                    Ok(Some(reserved_reply(req, &res)))
-                }
-                Err(e @ CommitError::Unavailable(_)) => {
-                    let _ = app.inventory.abort_reserve(res.id);
-                    Err(unavailable(e))
-                }
-                Err(e @ CommitError::Unknown) => {
-                    // Redis may or may not hold it: the units stay held (Pending) until
-                    // Redis answers whether the record landed.
-                    let mut probe = redis::cmd("HEXISTS");
-                    probe.arg(app.keys.reservations()).arg(res.id.to_string());
-                    let inventory = app.inventory.clone();
-                    let id = res.id;
-                    crate::recovery::settle_unknown(app, probe, settle_limit(app), move |landed| {
-                        let _ = if landed {
-                            inventory.confirm_reserve(id)
-                        } else {
-                            inventory.abort_reserve(id)
-                        };
-                    });
-                    Err(unavailable(e))
-                }
+        ReserveOutcome::Existing(res) => return Ok(Step::Now(Ok(Some(reserved_reply(req, &res))))),
+        ReserveOutcome::New(res) => res,
+    };
+    let mut xadd = crate::commit::event(&app.keys, "reserved");
+    xadd.arg("reservation")
+        .arg(res.id.to_string())
+        .arg("user")
+        .arg(&*res.user)
+        .arg("req")
+        .arg(&*res.req)
+        .arg("room")
+        .arg(&*res.room)
+        .arg("sku")
+        .arg(&*res.sku)
+        .arg("qty")
+        .arg(res.qty)
+        .arg("price_cents")
+        .arg(res.price_cents)
+        .arg("expires_at")
+        .arg(res.expires_at)
+        .arg("at")
+        .arg(now);
+    let change = Change {
+        cmds: vec![xadd],
+        hash_writes: reservation_state(app, &res, now),
+    };
+    let app = app.clone();
+    Ok(Step::Later(Box::pin(async move {
+        match app.committer.commit_change(change).await {
+            Ok(()) => {
+                let _ = app.inventory.confirm(&res);
+                metrics::counter!(m::RESERVATIONS).increment(1);
+                Ok(Some(reserved_reply(req, &res)))
+            }
+            Err(e @ CommitError::Unavailable(_)) => {
+                let _ = app.inventory.abort_reserve(res.id);
+                Err(unavailable(e))
+            }
+            Err(e @ CommitError::Unknown) => {
+                // Redis may or may not hold it: the units stay held (Pending) until
+                // Redis answers whether the record landed.
+                let mut probe = redis::cmd("HEXISTS");
+                probe.arg(app.keys.reservations()).arg(res.id.to_string());
+                let inventory = app.inventory.clone();
+                let id = res.id;
+                crate::recovery::settle_unknown(&app, probe, settle_limit(&app), move |landed| {
+                    let _ = if landed {
+                        inventory.confirm_reserve(id)
+                    } else {
+                        inventory.abort_reserve(id)
+                    };
+                });
+                Err(unavailable(e))
             }
         }
-    }
+    })))
 }
 
 /// How long an unknown outcome may stay unsettled before it is settled as landed.

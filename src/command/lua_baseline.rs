@@ -43,12 +43,33 @@ fn script() -> &'static redis::Script {
     S.get_or_init(|| redis::Script::new(SCRIPT))
 }
 
+/// Checks what needs the session now and returns the script's round trip as a future that
+/// owns everything it needs (the connection polls it beside its next frames, as it does
+/// the core's commit).
 #[allow(clippy::too_many_arguments)]
-pub async fn reserve(
+pub fn reserve(
     app: &Arc<App>,
     s: &Session,
     req: String,
     room: &Arc<str>,
+    sku: &str,
+    qty: u32,
+    referrer: Option<Arc<str>>,
+    now: u64,
+) -> impl std::future::Future<Output = Reply> + Send + 'static {
+    let app = app.clone();
+    let user = s.user.clone();
+    let room = room.clone();
+    let sku = sku.to_string();
+    async move { run_script(&app, user, req, room, &sku, qty, referrer, now).await }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_script(
+    app: &Arc<App>,
+    user: Arc<str>,
+    req: String,
+    room: Arc<str>,
     sku: &str,
     qty: u32,
     referrer: Option<Arc<str>>,
@@ -59,7 +80,7 @@ pub async fn reserve(
     };
     let res = Reservation {
         id: ResId::new(app.epoch, app.next_baseline_id()),
-        user: s.user.clone(),
+        user: user.clone(),
         req: Arc::from(req.as_str()),
         room: room.clone(),
         referrer,
@@ -73,11 +94,11 @@ pub async fn reserve(
         .key(app.keys.product(sku))
         .key(app.keys.reservations())
         .key(app.keys.events())
-        .key(app.keys.reserve_idem(&s.user, &req, sku))
+        .key(app.keys.reserve_idem(&user, &req, sku))
         .arg(&id)
-        .arg(&*s.user)
+        .arg(&*user)
         .arg(&req)
-        .arg(&**room)
+        .arg(&*room)
         .arg(sku)
         .arg(qty)
         .arg(res.price_cents)
