@@ -21,17 +21,32 @@ use crate::{
 
 /// The JSON record of an active reservation in `P:reservations` (docs/redis.md).
 pub fn reservation_record(r: &Reservation) -> String {
-    serde_json::json!({
-        "user": &*r.user,
-        "req": &*r.req,
-        "room": &*r.room,
-        "sku": &*r.sku,
-        "qty": r.qty,
-        "price_cents": r.price_cents,
-        "expires_at": r.expires_at,
-        "ref": r.referrer.as_deref(),
-    })
-    .to_string()
+    // Serialized from borrowed fields: `json!` would build a map of owned strings first,
+    // and this runs once per reservation on the hot path.
+    #[derive(serde::Serialize)]
+    struct Record<'a> {
+        user: &'a str,
+        req: &'a str,
+        room: &'a str,
+        sku: &'a str,
+        qty: u32,
+        price_cents: i64,
+        expires_at: u64,
+        #[serde(rename = "ref")]
+        referrer: Option<&'a str>,
+    }
+    let record = Record {
+        user: &r.user,
+        req: &r.req,
+        room: &r.room,
+        sku: &r.sku,
+        qty: r.qty,
+        price_cents: r.price_cents,
+        expires_at: r.expires_at,
+        referrer: r.referrer.as_deref(),
+    };
+    // Serializing strings and integers into a Vec cannot fail.
+    serde_json::to_string(&record).unwrap_or_default()
 }
 
 /// The state writes that make a reservation durable: its record in `P:reservations` and
