@@ -1,8 +1,8 @@
 //! The committer: group commit of state changes to Redis. Callers hand it the Redis
 //! commands of one change; it writes whatever is pending as one `MULTI`/`EXEC` pipeline in
 //! one round trip, then answers every caller of the batch. Hash-field writes
-//! ([`HashWrite`]) to the same hash are merged into one `HSET` per hash per batch, so a
-//! batch of N reservations costs Redis N + a few commands, not 3N.
+//! ([`HashWrite`]) to the same hash are merged into one `HSET` per hash per batch, ahead of
+//! the plain commands, so a batch of N reservations costs Redis N + a few commands, not 3N.
 //!
 //! It owns the Redis write connection of the hot path. It must not decide what a change
 //! means (callers build the commands and undo their in-memory change on failure), and a
@@ -24,17 +24,20 @@ pub fn event(keys: &crate::keys::Keys, kind: &str) -> redis::Cmd {
 }
 
 /// One field of a hash, written as part of a change. The committer merges the hash writes
-/// of a whole batch into one `HSET` per hash, placed after the batch's plain commands
-/// (the transaction is atomic either way). So a change must not delete, with a plain
-/// command, a field that an earlier change of the same batch writes: true of the gateway,
-/// where a reservation's record can only be deleted once its own commit has been answered.
+/// of a whole batch into one `HSET` per hash, placed before the batch's plain commands
+/// (the transaction is atomic either way). So a change must not write, with a hash write,
+/// a field that an earlier change of the same batch deletes with a plain command: true of
+/// the gateway, whose hash writes create records under fresh ids (a record can only be
+/// deleted once its own commit has been answered, so never in the same batch anyway).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HashWrite {
     pub key: String,
     pub field: String,
     pub value: String,
-    /// `PEXPIREAT` the hash at this unix-ms time (the latest of the batch's wins), for
-    /// hashes that hold records with a common expiry, such as an idempotency bucket.
+    /// Expire the hash at this unix-ms time (the latest of the batch's wins), for hashes
+    /// that hold records with a common expiry, such as an idempotency bucket. Sent as a
+    /// relative `PEXPIRE`, so a gateway clock that differs from Redis's shifts the expiry by
+    /// the difference instead of deleting the hash at once.
     pub expire_at_ms: Option<u64>,
 }
 
@@ -212,7 +215,7 @@ async fn run(
 
 type WriteJob = (Change, Instant, oneshot::Sender<Result<(), CommitError>>);
 
-/// The hash writes of one batch, one `HSET` (and at most one `PEXPIREAT`) per hash, in the
+/// The hash writes of one batch, one `HSET` (and at most one `PEXPIRE`) per hash, in the
 /// order each hash was first written. A batch touches a handful of hashes, so a linear
 /// search beats a map.
 #[derive(Default)]
@@ -236,11 +239,14 @@ impl MergedHashes {
         *expire = (*expire).max(w.expire_at_ms);
     }
 
-    fn append_to(self, pipe: &mut redis::Pipeline) {
+    /// Appends one `HSET` per hash, each followed by its `PEXPIRE` (relative to `now_ms`,
+    /// at least 1 ms) when it has an expiry.
+    fn append_to(self, pipe: &mut redis::Pipeline, now_ms: u64) {
         for (key, hset, expire) in self.hashes {
             pipe.add_command(hset).ignore();
             if let Some(at) = expire {
-                pipe.cmd("PEXPIREAT").arg(key).arg(at).ignore();
+                let ttl = at.saturating_sub(now_ms).max(1);
+                pipe.cmd("PEXPIRE").arg(key).arg(ttl).ignore();
             }
         }
     }
@@ -256,6 +262,7 @@ async fn write_batch(conn: &mut ConnectionManager, jobs: Vec<WriteJob>, timeout:
     pipe.atomic();
     let mut live = Vec::with_capacity(jobs.len());
     let mut hashes = MergedHashes::default();
+    let mut plain = Vec::new();
     for (change, deadline, reply) in jobs {
         if deadline <= now {
             let _ = reply.send(Err(CommitError::Unavailable(
@@ -263,9 +270,7 @@ async fn write_batch(conn: &mut ConnectionManager, jobs: Vec<WriteJob>, timeout:
             )));
             continue;
         }
-        for c in change.cmds {
-            pipe.add_command(c).ignore();
-        }
+        plain.extend(change.cmds);
         for w in change.hash_writes {
             hashes.add(w);
         }
@@ -274,7 +279,10 @@ async fn write_batch(conn: &mut ConnectionManager, jobs: Vec<WriteJob>, timeout:
     if live.is_empty() {
         return;
     }
-    hashes.append_to(&mut pipe);
+    hashes.append_to(&mut pipe, crate::metrics::unix_ms());
+    for c in plain {
+        pipe.add_command(c).ignore();
+    }
     metrics::histogram!(m::COMMIT_BATCH).record(live.len() as f64);
     let started = Instant::now();
     let remaining = live
@@ -340,19 +348,24 @@ mod tests {
         m.add(write("idem:1", "y", Some(90)));
         m.add(write("idem:2", "z", Some(200)));
         let mut pipe = redis::pipe();
-        pipe.cmd("XADD").arg("events").ignore();
-        m.append_to(&mut pipe);
+        m.append_to(&mut pipe, 40);
         let cmds: Vec<Vec<String>> = pipe.cmd_iter().map(args).collect();
         assert_eq!(
             cmds,
             vec![
-                vec!["XADD", "events"],
                 vec!["HSET", "res", "a", "v-a", "b", "v-b"],
                 vec!["HSET", "idem:1", "x", "v-x", "y", "v-y"],
-                vec!["PEXPIREAT", "idem:1", "100"],
+                vec!["PEXPIRE", "idem:1", "60"],
                 vec!["HSET", "idem:2", "z", "v-z"],
-                vec!["PEXPIREAT", "idem:2", "200"],
+                vec!["PEXPIRE", "idem:2", "160"],
             ]
         );
+        // An expiry already past (a clock ahead of the records) still expires, at once.
+        let mut m = MergedHashes::default();
+        m.add(write("idem:0", "w", Some(10)));
+        let mut pipe = redis::pipe();
+        m.append_to(&mut pipe, 40);
+        let cmds: Vec<Vec<String>> = pipe.cmd_iter().map(args).collect();
+        assert_eq!(cmds[1], vec!["PEXPIRE", "idem:0", "1"]);
     }
 }

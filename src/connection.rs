@@ -223,13 +223,16 @@ async fn serve(
     let max_inflight = limits.conn_inflight;
     loop {
         let room_to_read = inflight.len() < max_inflight;
+        if !room_to_read {
+            // The next frames wait unread until a cart is answered.
+            metrics::counter!(m::CONN_INFLIGHT_FULL).increment(1);
+        }
+        // The kill branch is always enabled, so some branch always can run.
         let next = tokio::select! {
             biased;
             _ = kill.killed() => break,
             Some(()) = inflight.next(), if !inflight.is_empty() => continue,
             next = tokio::time::timeout(idle, stream.next()), if room_to_read => next,
-            // Only reached with the bound full (the branch above is then enabled).
-            else => continue,
         };
         let msg = match next {
             Err(_) => {
@@ -292,18 +295,27 @@ async fn serve(
                 }
                 refused_in_row = 0;
                 // Boxed: the reader of an idle connection does not carry the state of the
-                // largest command while it waits for the next frame.
-                if let Some(rest) = Box::pin(command::dispatch(&app, &mut session, msg)).await {
-                    inflight.push(rest);
-                    if inflight.len() >= max_inflight {
-                        metrics::counter!(m::CONN_INFLIGHT_FULL).increment(1);
+                // largest command while it waits for the next frame. The carts in flight
+                // are driven meanwhile, so a slow command (a checkout's commit) does not
+                // hold their replies or leave their reservations Pending.
+                let mut command = Box::pin(command::dispatch(&app, &mut session, msg));
+                let rest = loop {
+                    tokio::select! {
+                        biased;
+                        rest = &mut command => break rest,
+                        Some(()) = inflight.next(), if !inflight.is_empty() => {}
                     }
+                };
+                drop(command);
+                if let Some(rest) = rest {
+                    inflight.push(rest);
                 }
             }
         }
     }
     // Every cart in flight finishes (bounded by the commit timeout): its reservation is
-    // confirmed or undone, and its reply queued for the writer's last flush.
+    // confirmed or undone (or, when Redis did not answer, handed to `settle_unknown` like
+    // any unknown outcome), and its reply queued for the writer's last flush.
     while inflight.next().await.is_some() {}
     // Clean-up, the one place: leave every room, forget the connection, let the writer
     // send the close frame and finish.

@@ -456,6 +456,12 @@ impl Hub {
         self.users.remove_if(user, |_, conns| conns.is_empty());
     }
 
+    /// How many connections of `user` are registered on this gateway (a connection is
+    /// unregistered only once its carts in flight have finished).
+    pub fn connections_of(&self, user: &str) -> usize {
+        self.users.get(user).map_or(0, |conns| conns.len())
+    }
+
     /// Queues `msg` to every connection of `user` on this gateway; returns how many.
     pub fn send_to_user(&self, user: &str, msg: &ServerMsg) -> usize {
         let Some(conns) = self.users.get(user) else {

@@ -13,7 +13,7 @@ use crate::{
     app::App,
     commit::{Change, CommitError, HashWrite},
     config::ReserveMode,
-    inventory::{ResId, Reservation, ReserveOutcome, ReserveRequest},
+    inventory::{InvError, ResHandle, ResId, Reservation, ReserveOutcome, ReserveRequest},
     keys,
     metrics::{self as m, unix_ms},
     protocol::{ErrorCode, ProtoError, ServerMsg},
@@ -132,24 +132,67 @@ fn reserve_now(
         let fut = super::lua_baseline::reserve(app, s, req, &r.id, &sku, qty, referrer, now);
         return Ok(Step::Later(Box::pin(fut)));
     }
-    let outcome = app
-        .inventory
-        .reserve(ReserveRequest {
-            user: s.user.clone(),
-            req: Arc::from(req.as_str()),
-            room: room_id,
-            referrer,
-            sku: Arc::from(sku.as_str()),
-            qty,
-            now,
-        })
-        .map_err(inv_error)?;
-    let res = match outcome {
+    let request = ReserveRequest {
+        user: s.user.clone(),
+        req: Arc::from(req.as_str()),
+        room: room_id,
+        referrer,
+        sku: Arc::from(sku.as_str()),
+        qty,
+        now,
+    };
+    Ok(start_reserve(app, req, request))
+}
+
+/// Reserves in memory now; the durable write (or the wait for an earlier request with the
+/// same `req`) is the [`Step::Later`].
+fn start_reserve(app: &Arc<App>, req: String, request: ReserveRequest) -> Step {
+    match app.inventory.reserve(request.clone()) {
         // A retry: the core answers Existing only for a Held reservation, and a
         // reservation is Held only once Redis holds it.
-        ReserveOutcome::Existing(res) => return Ok(Step::Now(Ok(Some(reserved_reply(req, &res))))),
-        ReserveOutcome::New(res) => res,
-    };
+        Ok(ReserveOutcome::Existing(res)) => Step::Now(Ok(Some(reserved_reply(req, &res)))),
+        Ok(ReserveOutcome::New(res)) => Step::Later(Box::pin(commit_reservation(
+            app.clone(),
+            req,
+            res,
+            request.now,
+        ))),
+        // The same (user, req, sku) is still being recorded (a client that resent before
+        // its first reply, on this connection or another): answer what the first gets.
+        Err(InvError::InFlight) => {
+            Step::Later(Box::pin(wait_then_reserve(app.clone(), req, request)))
+        }
+        Err(e) => Step::Now(Err(inv_error(e))),
+    }
+}
+
+/// Waits until the earlier request with the same key is settled, then answers its
+/// reservation, or, if it was undone, reserves anew. Bounded by the commit timeout (plus a
+/// second): past it, `conflict` as before.
+async fn wait_then_reserve(app: Arc<App>, req: String, mut request: ReserveRequest) -> Reply {
+    let deadline = tokio::time::Instant::now()
+        + app.cfg.limits.commit_timeout
+        + std::time::Duration::from_secs(1);
+    let mut pause = std::time::Duration::from_millis(2);
+    loop {
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_millis(50));
+        request.now = unix_ms();
+        match app.inventory.reserve(request.clone()) {
+            Ok(ReserveOutcome::Existing(res)) => return Ok(Some(reserved_reply(req, &res))),
+            Ok(ReserveOutcome::New(res)) => {
+                return commit_reservation(app, req, res, request.now).await
+            }
+            Err(InvError::InFlight) if tokio::time::Instant::now() < deadline => {}
+            Err(e) => return Err(inv_error(e)),
+        }
+    }
+}
+
+/// Records a new reservation through the group committer, then confirms it (`reserved`),
+/// undoes it (`unavailable`), or, when Redis did not answer, keeps its units until Redis
+/// says whether the record landed.
+async fn commit_reservation(app: Arc<App>, req: String, res: ResHandle, now: u64) -> Reply {
     let mut xadd = crate::commit::event(&app.keys, "reserved");
     xadd.arg("reservation")
         .arg(res.id.to_string())
@@ -171,38 +214,35 @@ fn reserve_now(
         .arg(now);
     let change = Change {
         cmds: vec![xadd],
-        hash_writes: reservation_state(app, &res, now),
+        hash_writes: reservation_state(&app, &res, now),
     };
-    let app = app.clone();
-    Ok(Step::Later(Box::pin(async move {
-        match app.committer.commit_change(change).await {
-            Ok(()) => {
-                let _ = app.inventory.confirm(&res);
-                metrics::counter!(m::RESERVATIONS).increment(1);
-                Ok(Some(reserved_reply(req, &res)))
-            }
-            Err(e @ CommitError::Unavailable(_)) => {
-                let _ = app.inventory.abort_reserve(res.id);
-                Err(unavailable(e))
-            }
-            Err(e @ CommitError::Unknown) => {
-                // Redis may or may not hold it: the units stay held (Pending) until
-                // Redis answers whether the record landed.
-                let mut probe = redis::cmd("HEXISTS");
-                probe.arg(app.keys.reservations()).arg(res.id.to_string());
-                let inventory = app.inventory.clone();
-                let id = res.id;
-                crate::recovery::settle_unknown(&app, probe, settle_limit(&app), move |landed| {
-                    let _ = if landed {
-                        inventory.confirm_reserve(id)
-                    } else {
-                        inventory.abort_reserve(id)
-                    };
-                });
-                Err(unavailable(e))
-            }
+    match app.committer.commit_change(change).await {
+        Ok(()) => {
+            let _ = app.inventory.confirm(&res);
+            metrics::counter!(m::RESERVATIONS).increment(1);
+            Ok(Some(reserved_reply(req, &res)))
         }
-    })))
+        Err(e @ CommitError::Unavailable(_)) => {
+            let _ = app.inventory.abort_reserve(res.id);
+            Err(unavailable(e))
+        }
+        Err(e @ CommitError::Unknown) => {
+            // Redis may or may not hold it: the units stay held (Pending) until Redis
+            // answers whether the record landed.
+            let mut probe = redis::cmd("HEXISTS");
+            probe.arg(app.keys.reservations()).arg(res.id.to_string());
+            let inventory = app.inventory.clone();
+            let id = res.id;
+            crate::recovery::settle_unknown(&app, probe, settle_limit(&app), move |landed| {
+                let _ = if landed {
+                    inventory.confirm_reserve(id)
+                } else {
+                    inventory.abort_reserve(id)
+                };
+            });
+            Err(unavailable(e))
+        }
+    }
 }
 
 /// How long an unknown outcome may stay unsettled before it is settled as landed.
