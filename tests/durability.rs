@@ -676,3 +676,26 @@ async fn a_connection_dropped_with_carts_in_flight_leaves_none_half_done() {
     let counts = gw.app.inventory.counts("s").expect("sku");
     assert_eq!((counts.available, counts.reserved), (1000, 0));
 }
+
+/// Sold-out answers (from memory) overtake reservations still waiting for Redis on the same
+/// connection; every request gets its one reply all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_carts_mixing_reserved_and_sold_out_all_get_their_reply() {
+    let redis = RedisServer::start();
+    let prefix = unique_prefix();
+    let cfg = [
+        ("LIVEGATE_KEY_PREFIX", prefix.as_str()),
+        ("LIVEGATE_RATE_PER_SEC", "100000"),
+        ("LIVEGATE_RATE_BURST", "100000"),
+    ];
+    let gw = Gateway::start_with(&redis.url(), &cfg).await;
+    let _anchor = room_with_product(&gw, "p", "s", 5).await;
+    let mut v = gw.viewer("mixed").await;
+    let carts: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
+    send_carts(&mut v, &carts).await;
+    let replies = replies_to(&mut v, &carts).await;
+    let reserved = replies.values().filter(|r| r["type"] == "reserved").count();
+    assert_eq!(reserved, 5, "{replies:?}");
+    let sold_out = replies.values().filter(|r| r["code"] == "sold_out").count();
+    assert_eq!(sold_out, 5, "{replies:?}");
+}

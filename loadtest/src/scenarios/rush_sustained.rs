@@ -42,7 +42,7 @@ use anyhow::{bail, Context, Result};
 use futures::{FutureExt, SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
@@ -511,7 +511,10 @@ impl Conn {
     ) -> Seen {
         let mut seen = Seen::default();
         let k = self.inflight;
-        let mut slots: Vec<Option<(u64, Instant)>> = vec![None; k];
+        // Outstanding requests by seq: the gateway answers a connection's carts in the order
+        // their commits finish (a `sold_out` overtakes a `reserved` still waiting for Redis),
+        // so replies are matched by `req`, as protocol.md says, never by position.
+        let mut outstanding: HashMap<u64, Instant> = HashMap::with_capacity(k);
         let mut inflight = 0usize;
         let mut next_seq = 0u64;
         let mut last_reserved: Option<(u64, String)> = None;
@@ -537,7 +540,7 @@ impl Conn {
                         seen.ended = Some(format!("send: {e}"));
                         break 'run;
                     }
-                    slots[(next_seq % k as u64) as usize] = Some((next_seq, at));
+                    outstanding.insert(next_seq, at);
                     next_seq += 1;
                     inflight += 1;
                     seen.sent += 1;
@@ -584,7 +587,7 @@ impl Conn {
                     seen.ended = Some("closed by the server".into());
                     break 'run;
                 }
-                if self.handle(&m, phase, &mut slots, &mut seen, &mut last_reserved) {
+                if self.handle(&m, phase, &mut outstanding, &mut seen, &mut last_reserved) {
                     inflight -= 1;
                     last_progress = tokio::time::Instant::now();
                 }
@@ -617,7 +620,7 @@ impl Conn {
         &self,
         m: &Message,
         phase: &AtomicU8,
-        slots: &mut [Option<(u64, Instant)>],
+        outstanding: &mut HashMap<u64, Instant>,
         seen: &mut Seen,
         last_reserved: &mut Option<(u64, String)>,
     ) -> bool {
@@ -637,15 +640,10 @@ impl Conn {
             seen.unexpected += 1;
             return false;
         };
-        let slot = &mut slots[(seq % slots.len() as u64) as usize];
-        let sent = match *slot {
-            Some((s, at)) if s == seq => at,
-            _ => {
-                seen.unexpected += 1;
-                return false;
-            }
+        let Some(sent) = outstanding.remove(&seq) else {
+            seen.unexpected += 1;
+            return false;
         };
-        *slot = None;
         seen.replies += 1;
         let steady = phase.load(Ordering::Acquire) == STEADY;
         if steady {
