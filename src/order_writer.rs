@@ -13,6 +13,7 @@
 //! See docs/order-writer.md.
 
 mod decode;
+mod resp;
 
 use std::{
     collections::HashSet,
@@ -207,6 +208,9 @@ pub struct OrderWriter {
     cfg: OrderWriterConfig,
     consumer: String,
     conn: Option<MultiplexedConnection>,
+    /// The stream reads' own connection and reply reader (`resp.rs`); `None` when Redis is
+    /// not reached over plain TCP, and the reads go through redis-rs.
+    raw: Option<resp::RawReader>,
     source: Source,
     claim_cursor: String,
     last_claim: Option<Instant>,
@@ -228,8 +232,10 @@ impl OrderWriter {
     ) -> OrderWriter {
         let consumer = cfg.consumer.clone().unwrap_or_else(default_consumer);
         let forget_consumer_idle = FORGET_CONSUMER_IDLE.max(cfg.claim_idle * 4);
+        let raw = resp::RawReader::for_client(&client);
         OrderWriter {
             client,
+            raw,
             keys,
             store,
             cfg,
@@ -336,6 +342,9 @@ impl OrderWriter {
         warn!(error = %e, what, "order writer: redis error; backing off");
         metrics::counter!("livegate_order_writer_errors_total", "source" => "redis").increment(1);
         self.conn = None;
+        if let Some(raw) = &mut self.raw {
+            raw.reset();
+        }
         self.source = Source::Pending("0".to_string());
         sleep_or_shutdown(self.backoff.next(), shutdown).await
     }
@@ -422,8 +431,24 @@ impl OrderWriter {
                 .arg(&events)
                 .arg(">"),
         };
-        let reply: Value = cmd.query_async(&mut conn).await?;
-        let entries = decode::parse_read_reply(&reply).map_err(protocol_error)?;
+        let entries = match &mut self.raw {
+            Some(raw) => {
+                let args: Vec<Vec<u8>> = cmd
+                    .args_iter()
+                    .filter_map(|a| match a {
+                        redis::Arg::Simple(b) => Some(b.to_vec()),
+                        _ => None,
+                    })
+                    .collect();
+                let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+                raw.read_group(&args, self.cfg.block + Duration::from_secs(5))
+                    .await?
+            }
+            None => {
+                let reply: Value = cmd.query_async(&mut conn).await?;
+                decode::parse_read_reply(&reply).map_err(protocol_error)?
+            }
+        };
         if from_pending.is_some() {
             self.source = match entries.last() {
                 Some(last) => Source::Pending(last.id.clone()),

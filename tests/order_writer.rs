@@ -1080,3 +1080,65 @@ async fn store_past_poison(
     run.stop().await;
     stream_entries(conn, &w.keys.dead_letters()).await
 }
+
+/// The writer's stream reads have a connection of their own (src/order_writer/resp.rs):
+/// it must log in and pick the database exactly as the URL says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_reader_uses_the_urls_password_and_database() {
+    let w = World::new(Db::Sqlite).await;
+    let port = w
+        .redis
+        .url()
+        .trim_start_matches("redis://127.0.0.1:")
+        .trim_end_matches('/')
+        .to_string();
+    let mut admin = w.conn().await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("s3cret")
+        .query_async(&mut admin)
+        .await
+        .expect("config set requirepass");
+    let url = format!("redis://:s3cret@127.0.0.1:{port}/3");
+    let client = redis::Client::open(url.as_str()).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connection with password and db");
+    for n in 0..30 {
+        xadd_order(&mut conn, &w.keys, n, "").await;
+        xadd(
+            &mut conn,
+            &w.keys,
+            &[("kind", "reserved"), ("reservation", "x")],
+        )
+        .await;
+    }
+    let store = OrderStore::connect(&w.store_url).await.expect("store");
+    let writer = OrderWriter::new(
+        client,
+        w.keys.clone(),
+        store,
+        OrderWriterConfig {
+            batch: 7,
+            block: Duration::from_millis(100),
+            claim_idle: Duration::from_secs(30),
+            consumer: Some("w-auth".to_string()),
+        },
+    );
+    let run = spawn(writer);
+    wait_stored(&w, &mut conn, 30).await;
+    run.stop().await;
+    // Nothing went to database 0.
+    let in_db0: bool = redis::cmd("EXISTS")
+        .arg(w.keys.events())
+        .query_async(&mut admin)
+        .await
+        .expect("exists");
+    assert!(
+        !in_db0,
+        "the events stream of database 3 was read from database 0"
+    );
+    w.finish().await;
+}
