@@ -1,4 +1,5 @@
-//! Decoding for the order writer: raw Redis stream replies (XREADGROUP, XAUTOCLAIM) into
+//! Decoding for the order writer: redis-rs stream replies (XAUTOCLAIM always, XREADGROUP
+//! only when Redis is not reached over plain TCP; otherwise `resp.rs` reads those) into
 //! entries, and `kind=order` entries (fields per docs/redis.md) into [`Order`]s.
 //!
 //! Pure functions over values already read: no I/O here, and no input, however broken,

@@ -5,11 +5,13 @@
 //! entries a second, every one of which the writer must read through its group only to
 //! skip it. Parsed by redis-rs's parser-combinator grammar (about 150 ns a value, 20
 //! values an entry), that was 23 % of the gateway's CPU (docs/benchmarks.md). This reader
-//! walks the reply bytes once and copies only `kind` of an entry that is not an order.
+//! skims the reply bytes until the reply is complete (no copies), then walks it once,
+//! copying only `kind` of an entry that is not an order.
 //!
 //! It owns one connection (plain TCP, AUTH and SELECT as the URL says) and nothing else:
-//! every other command of the writer stays on redis-rs. It must not panic on any reply:
-//! a malformed one is a `Parse` error, after which the connection is dropped.
+//! every other command of the writer stays on redis-rs. It must not panic on any bytes
+//! (lengths and counts are checked, never trusted for allocation): a malformed reply is a
+//! `Parse` error, after which the connection is dropped.
 
 use std::time::Duration;
 
@@ -24,6 +26,8 @@ use super::decode::{Entry, Fields};
 /// The longest reply accepted (a batch of entries is far smaller); past it the reply is
 /// treated as garbage rather than buffered without end.
 const MAX_REPLY_BYTES: usize = 256 << 20;
+/// How long connecting (and logging in) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Where and how to connect: taken from the writer's redis-rs client.
 #[derive(Debug)]
@@ -93,7 +97,15 @@ impl RawReader {
 
     async fn round_trip(&mut self, args: &[&[u8]]) -> RedisResult<Vec<Entry>> {
         if self.conn.is_none() {
-            let conn = self.connect().await?;
+            let conn = match tokio::time::timeout(CONNECT_TIMEOUT, self.connect()).await {
+                Ok(conn) => conn?,
+                Err(_) => {
+                    return Err(RedisError::from(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "connecting to redis timed out",
+                    )))
+                }
+            };
             self.conn = Some(conn);
         }
         let Some(conn) = self.conn.as_mut() else {
@@ -129,15 +141,23 @@ impl RawReader {
     }
 }
 
-/// Reads into `buf` (kept between replies, so its memory is reused) until `parse` finds
-/// one complete reply.
+/// Reads into `buf` (kept between replies, so its memory is reused) until it holds one
+/// complete reply (a cheap skim, repeated after each read), then lets `parse` walk it.
 async fn read_reply<T>(
     conn: &mut TcpStream,
     buf: &mut Vec<u8>,
     parse: fn(&[u8]) -> Parsed<T>,
 ) -> RedisResult<T> {
     loop {
-        match parse(buf) {
+        let complete = {
+            let mut c = Cursor { b: buf, at: 0 };
+            skim(&mut c, 0)
+        };
+        let parsed = match complete {
+            Ok(()) | Err(Some(_)) => parse(buf),
+            Err(None) => Parsed::Incomplete,
+        };
+        match parsed {
             Parsed::Done(v) => return Ok(v),
             Parsed::ServerError(msg) => {
                 return Err(RedisError::from((
@@ -248,16 +268,21 @@ impl<'a> Cursor<'a> {
                     .ok()
                     .and_then(|s| s.parse::<usize>().ok())
                     .ok_or_else(|| Some("bad bulk length".to_string()))?;
-                let body_end = self.at.checked_add(n).ok_or(Some("bulk overflow".into()))?;
-                if self.b.len() < body_end + 2 {
+                let body_end = self.at.checked_add(n);
+                let Some(end) = body_end.and_then(|e| e.checked_add(2)) else {
+                    return Err(Some("bulk length overflows".into()));
+                };
+                let (Some(body), Some(crlf)) = (
+                    body_end.and_then(|e| self.b.get(self.at..e)),
+                    body_end.and_then(|e| self.b.get(e..end)),
+                ) else {
                     self.at = start;
                     return Err(None);
-                }
-                if &self.b[body_end..body_end + 2] != b"\r\n" {
+                };
+                if crlf != b"\r\n" {
                     return Err(Some("bulk string not followed by CRLF".into()));
                 }
-                let body = &self.b[self.at..body_end];
-                self.at = body_end + 2;
+                self.at = end;
                 Ok(body)
             }
             Some(b'+') | Some(b':') => Ok(&line[1..]),
@@ -273,11 +298,38 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// Deepest nesting of a reply skimmed (an `XREADGROUP` reply is 4 arrays deep).
+const MAX_DEPTH: usize = 8;
+
+/// Walks one whole RESP2 value of any shape without copying: `Ok` once the buffer holds
+/// all of it. Every step consumes bytes and the depth is bounded, so it ends.
+fn skim(c: &mut Cursor<'_>, depth: usize) -> Step<()> {
+    if depth > MAX_DEPTH {
+        return Err(Some("reply nested too deep".into()));
+    }
+    match c.b.get(c.at) {
+        None => Err(None),
+        Some(b'*') => match c.array()? {
+            None => Ok(()),
+            Some(n) => {
+                for _ in 0..n {
+                    skim(c, depth + 1)?;
+                }
+                Ok(())
+            }
+        },
+        Some(b'$' | b'+' | b':') => c.bulk().map(|_| ()),
+        Some(b'-') => c.line().map(|_| ()),
+        Some(other) => Err(Some(format!("unexpected reply type {:?}", *other as char))),
+    }
+}
+
 /// `+OK` (AUTH, SELECT).
 fn parse_ok(b: &[u8]) -> Parsed<()> {
     let mut c = Cursor { b, at: 0 };
     match c.line() {
-        Err(_) => Parsed::Incomplete,
+        Err(None) => Parsed::Incomplete,
+        Err(Some(why)) => Parsed::Bad(why),
         Ok(l) if l.first() == Some(&b'-') => {
             Parsed::ServerError(String::from_utf8_lossy(&l[1..]).into_owned())
         }
@@ -296,7 +348,8 @@ fn parse_read_reply(b: &[u8]) -> Parsed<Vec<Entry>> {
         let mut c = Cursor { b, at: 0 };
         return match c.line() {
             Ok(l) => Parsed::ServerError(String::from_utf8_lossy(&l[1..]).into_owned()),
-            Err(_) => Parsed::Incomplete,
+            Err(None) => Parsed::Incomplete,
+            Err(Some(why)) => Parsed::Bad(why),
         };
     }
     let mut c = Cursor { b, at: 0 };
@@ -320,10 +373,12 @@ fn walk(c: &mut Cursor<'_>) -> Step<Vec<Entry>> {
         let Some(n) = c.array()? else {
             continue;
         };
-        out.reserve(n);
+        // A count is never trusted for allocation: an entry takes at least 4 bytes.
+        out.reserve(n.min(c.b.len().saturating_sub(c.at) / 4));
         for _ in 0..n {
             match c.array()? {
-                // Redis 6.2 reports entries deleted while pending as nil in XAUTOCLAIM.
+                // Not expected from XREADGROUP (XAUTOCLAIM of Redis 6.2 reports deleted
+                // entries so); skipped like decode::parse_entries does.
                 None => continue,
                 Some(2) => {}
                 Some(k) => return Err(Some(format!("an entry of {k} parts"))),
@@ -450,6 +505,10 @@ mod tests {
             b"*x\r\n",
             b"*1\r\n*2\r\n$1\r\nkXX",
             b"*1\r\n*2\r\n$99999999999999999999\r\n",
+            // Lengths at the edge of usize: no overflow, no panic.
+            b"*1\r\n*2\r\n$18446744073709551584\r\n",
+            b"*1\r\n*2\r\n$18446744073709551615\r\n",
+            b"+O\rK\r\n",
         ] {
             assert!(
                 matches!(parse_read_reply(bad), Parsed::Bad(_)),
@@ -464,6 +523,39 @@ mod tests {
             parse_ok(b"-WRONGPASS\r\n"),
             Parsed::ServerError(_)
         ));
+    }
+
+    #[test]
+    fn hostile_counts_and_nesting_end_without_panic() {
+        // A count far beyond the bytes: incomplete, no huge allocation.
+        assert_eq!(
+            parse_read_reply(b"*1\r\n*2\r\n$1\r\nk\r\n*4611686018427387904\r\n"),
+            Parsed::Incomplete
+        );
+        let mut c = Cursor {
+            b: b"*4611686018427387904\r\n",
+            at: 0,
+        };
+        assert_eq!(skim(&mut c, 0), Err(None));
+        // Deep nesting is refused before the stack is.
+        let deep = "*1\r\n".repeat(100_000);
+        let mut c = Cursor {
+            b: deep.as_bytes(),
+            at: 0,
+        };
+        assert!(matches!(skim(&mut c, 0), Err(Some(_))));
+        assert!(matches!(parse_read_reply(deep.as_bytes()), Parsed::Bad(_)));
+    }
+
+    #[test]
+    fn both_readers_make_the_same_entries() {
+        let r = reply();
+        let value = redis::parse_redis_value(&r).expect("redis-rs parses it");
+        let via_redis_rs = super::super::decode::parse_read_reply(&value).expect("decode");
+        let Parsed::Done(via_resp) = parse_read_reply(&r) else {
+            panic!("resp.rs did not parse it");
+        };
+        assert_eq!(via_resp, via_redis_rs);
     }
 
     #[test]
