@@ -5,8 +5,8 @@
 //! few writes as it can, sends heartbeat pings, and sends the close frame when the kill
 //! switch is thrown. The reader decodes frames, applies the rate and abuse limits and runs
 //! commands; it never awaits another client's socket. Carts waiting for their durable
-//! write (up to `LIVEGATE_CONN_INFLIGHT`) are polled beside the next frames. Clean-up happens in exactly one place,
-//! at the end of [`serve`].
+//! write (up to `LIVEGATE_CONN_INFLIGHT`) are polled beside the next frames. Clean-up
+//! happens in exactly one place, at the end of [`serve`].
 
 use std::{sync::Arc, time::Duration};
 

@@ -52,14 +52,13 @@ pub fn reservation_record(r: &Reservation) -> String {
 /// The state writes that make a reservation durable: its record in `P:reservations` and
 /// its idempotency record in the current bucket. Both are hash writes, merged with the rest
 /// of the batch's into one `HSET` per hash by the committer.
-fn reservation_state(app: &App, r: &Reservation, now: u64) -> Vec<HashWrite> {
-    let id = r.id.to_string();
+fn reservation_state(app: &App, r: &Reservation, id: &str, now: u64) -> Vec<HashWrite> {
     let bucket = keys::idem_bucket(now);
     let ttl_ms = app.cfg.limits.idempotency_ttl.as_millis() as u64;
     vec![
         HashWrite {
             key: app.keys.reservations(),
-            field: id.clone(),
+            field: id.to_string(),
             value: reservation_record(r),
             expire_at_ms: None,
         },
@@ -193,9 +192,10 @@ async fn wait_then_reserve(app: Arc<App>, req: String, mut request: ReserveReque
 /// undoes it (`unavailable`), or, when Redis did not answer, keeps its units until Redis
 /// says whether the record landed.
 async fn commit_reservation(app: Arc<App>, req: String, res: ResHandle, now: u64) -> Reply {
+    let id = res.id.to_string();
     let mut xadd = crate::commit::event(&app.keys, "reserved");
     xadd.arg("reservation")
-        .arg(res.id.to_string())
+        .arg(&id)
         .arg("user")
         .arg(&*res.user)
         .arg("req")
@@ -214,7 +214,7 @@ async fn commit_reservation(app: Arc<App>, req: String, res: ResHandle, now: u64
         .arg(now);
     let change = Change {
         cmds: vec![xadd],
-        hash_writes: reservation_state(&app, &res, now),
+        hash_writes: reservation_state(&app, &res, &id, now),
     };
     match app.committer.commit_change(change).await {
         Ok(()) => {
@@ -230,7 +230,7 @@ async fn commit_reservation(app: Arc<App>, req: String, res: ResHandle, now: u64
             // Redis may or may not hold it: the units stay held (Pending) until Redis
             // answers whether the record landed.
             let mut probe = redis::cmd("HEXISTS");
-            probe.arg(app.keys.reservations()).arg(res.id.to_string());
+            probe.arg(app.keys.reservations()).arg(&id);
             let inventory = app.inventory.clone();
             let id = res.id;
             crate::recovery::settle_unknown(&app, probe, settle_limit(&app), move |landed| {
