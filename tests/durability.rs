@@ -534,6 +534,23 @@ async fn try_get(addr: std::net::SocketAddr, path: &str) -> Result<(u16, String)
     Ok((status, text))
 }
 
+/// A gateway (its room "p" with `stock` units of "s") whose per-connection rate limit does
+/// not get in the way of pipelined carts, with `extra` configuration.
+async fn pipelining_gateway(stock: u64, extra: &[(&str, &str)]) -> (RedisServer, String, Gateway) {
+    let redis = RedisServer::start();
+    let prefix = unique_prefix();
+    let mut cfg = vec![
+        ("LIVEGATE_KEY_PREFIX", prefix.as_str()),
+        ("LIVEGATE_RATE_PER_SEC", "100000"),
+        ("LIVEGATE_RATE_BURST", "100000"),
+    ];
+    cfg.extend_from_slice(extra);
+    let gw = Gateway::start_with(&redis.url(), &cfg).await;
+    // The anchor's connection may close: the room and its product stay.
+    let _anchor = room_with_product(&gw, "p", "s", stock).await;
+    (redis, prefix, gw)
+}
+
 /// Sends carts on one connection without waiting for their replies.
 async fn send_carts(c: &mut Client, reqs: &[String]) {
     for req in reqs {
@@ -559,17 +576,8 @@ async fn replies_to(c: &mut Client, reqs: &[String]) -> HashMap<String, Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_carts_on_one_connection_are_all_answered_and_recorded() {
-    let redis = RedisServer::start();
-    let prefix = unique_prefix();
     // A bound of 3 carts in flight, so the reader also stops and resumes reading.
-    let cfg = [
-        ("LIVEGATE_KEY_PREFIX", prefix.as_str()),
-        ("LIVEGATE_CONN_INFLIGHT", "3"),
-        ("LIVEGATE_RATE_PER_SEC", "100000"),
-        ("LIVEGATE_RATE_BURST", "100000"),
-    ];
-    let gw = Gateway::start_with(&redis.url(), &cfg).await;
-    let _anchor = room_with_product(&gw, "p", "s", 1000).await;
+    let (redis, prefix, gw) = pipelining_gateway(1000, &[("LIVEGATE_CONN_INFLIGHT", "3")]).await;
     let mut v = gw.viewer("piper").await;
     let carts: Vec<String> = (0..40).map(|i| format!("c{i}")).collect();
     send_carts(&mut v, &carts[..20]).await;
@@ -619,15 +627,7 @@ async fn pipelined_carts_on_one_connection_are_all_answered_and_recorded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_dropped_with_carts_in_flight_leaves_none_half_done() {
-    let redis = RedisServer::start();
-    let prefix = unique_prefix();
-    let cfg = [
-        ("LIVEGATE_KEY_PREFIX", prefix.as_str()),
-        ("LIVEGATE_RATE_PER_SEC", "100000"),
-        ("LIVEGATE_RATE_BURST", "100000"),
-    ];
-    let gw = Gateway::start_with(&redis.url(), &cfg).await;
-    let _anchor = room_with_product(&gw, "p", "s", 1000).await;
+    let (redis, prefix, gw) = pipelining_gateway(1000, &[]).await;
     let mut v = gw.viewer("dropper").await;
     // Redis holds every write for 300 ms, so the carts are surely in flight at the drop.
     let mut c = redis_conn(&redis.url()).await;
@@ -681,15 +681,7 @@ async fn a_connection_dropped_with_carts_in_flight_leaves_none_half_done() {
 /// connection; every request gets its one reply all the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_carts_mixing_reserved_and_sold_out_all_get_their_reply() {
-    let redis = RedisServer::start();
-    let prefix = unique_prefix();
-    let cfg = [
-        ("LIVEGATE_KEY_PREFIX", prefix.as_str()),
-        ("LIVEGATE_RATE_PER_SEC", "100000"),
-        ("LIVEGATE_RATE_BURST", "100000"),
-    ];
-    let gw = Gateway::start_with(&redis.url(), &cfg).await;
-    let _anchor = room_with_product(&gw, "p", "s", 5).await;
+    let (_redis, _prefix, gw) = pipelining_gateway(5, &[]).await;
     let mut v = gw.viewer("mixed").await;
     let carts: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
     send_carts(&mut v, &carts).await;
