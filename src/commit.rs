@@ -18,8 +18,20 @@ use crate::metrics as m;
 /// `XADD P:events * kind <kind>`: the start of an events-stream entry (docs/redis.md);
 /// callers append the fields of their kind.
 pub fn event(keys: &crate::keys::Keys, kind: &str) -> redis::Cmd {
-    let mut c = redis::cmd("XADD");
-    c.arg(keys.events()).arg("*").arg("kind").arg(kind);
+    event_sized(keys, kind, 0, 0)
+}
+
+/// [`event`] sized up front for `fields` more field-value pairs of about `bytes` bytes in
+/// all, so the hot events (`reserved`) are built without regrowing the command's buffers.
+pub fn event_sized(
+    keys: &crate::keys::Keys,
+    kind: &str,
+    fields: usize,
+    bytes: usize,
+) -> redis::Cmd {
+    let key = keys.events();
+    let mut c = redis::Cmd::with_capacity(5 + 2 * fields, 16 + key.len() + kind.len() + bytes);
+    c.arg("XADD").arg(key).arg("*").arg("kind").arg(kind);
     c
 }
 
@@ -320,6 +332,25 @@ async fn write_batch(conn: &mut ConnectionManager, jobs: Vec<WriteJob>, timeout:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sized_event_is_the_same_command() {
+        let keys = crate::keys::Keys::new("lg");
+        let mut plain = event(&keys, "reserved");
+        let mut sized = event_sized(&keys, "reserved", 2, 8);
+        for c in [&mut plain, &mut sized] {
+            c.arg("qty").arg(3u32).arg("user").arg("u-1");
+        }
+        assert_eq!(plain.get_packed_command(), sized.get_packed_command());
+        let mut expected = redis::cmd("XADD");
+        expected
+            .arg("lg:events")
+            .arg("*")
+            .arg("kind")
+            .arg("reserved");
+        expected.arg("qty").arg(3u32).arg("user").arg("u-1");
+        assert_eq!(plain.get_packed_command(), expected.get_packed_command());
+    }
 
     fn write(key: &str, field: &str, expire_at_ms: Option<u64>) -> HashWrite {
         HashWrite {

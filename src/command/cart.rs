@@ -193,7 +193,9 @@ async fn wait_then_reserve(app: Arc<App>, req: String, mut request: ReserveReque
 /// says whether the record landed.
 async fn commit_reservation(app: Arc<App>, req: String, res: ResHandle, now: u64) -> Reply {
     let id = res.id.to_string();
-    let mut xadd = crate::commit::event(&app.keys, "reserved");
+    // Nine pairs: the names (~60 bytes), the strings, and up to 20 digits per number.
+    let bytes = 60 + id.len() + res.user.len() + res.req.len() + res.room.len() + res.sku.len();
+    let mut xadd = crate::commit::event_sized(&app.keys, "reserved", 9, bytes + 4 * 20);
     xadd.arg("reservation")
         .arg(&id)
         .arg("user")
