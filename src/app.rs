@@ -95,7 +95,6 @@ impl App {
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
         let redis = ConnectionManager::new_with_config(client.clone(), manager_cfg.clone()).await?;
-        let commit_conn = ConnectionManager::new_with_config(client.clone(), manager_cfg).await?;
         let epoch: u32 = redis::cmd("INCR")
             .arg(format!("{}:epoch", keys.prefix()))
             .query_async::<u64>(&mut redis.clone())
@@ -108,11 +107,13 @@ impl App {
         }));
         let hub = Hub::new(cfg.limits.clone(), inventory.clone());
         let (committer, _task) = Committer::start(
-            commit_conn,
+            &client,
+            manager_cfg,
             cfg.limits.commit_queue,
             cfg.limits.commit_batch,
             cfg.limits.commit_timeout,
-        );
+        )
+        .await?;
         let (audience, audience_rx) = mpsc::channel(AUDIENCE_QUEUE);
         tokio::spawn(audience_writer(redis.clone(), audience_rx));
         let app = Arc::new(App {

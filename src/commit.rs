@@ -4,9 +4,13 @@
 //! ([`HashWrite`]) to the same hash are merged into one `HSET` per hash per batch, ahead of
 //! the plain commands, so a batch of N reservations costs Redis N + a few commands, not 3N.
 //!
-//! It owns the Redis write connection of the hot path. It must not decide what a change
-//! means (callers build the commands and undo their in-memory change on failure), and a
-//! caller is never told "done" before Redis has answered `EXEC`.
+//! It owns the Redis write connection of the hot path: a plain TCP connection of its own
+//! whose transactions it writes and reads by hand ([`crate::resp`]; redis-rs's multiplexed
+//! connection and reply parser were 16 % of the gateway's CPU in a rush), or, for URLs that
+//! is not (TLS, Unix sockets), a redis-rs `ConnectionManager`. It must not decide what a
+//! change means (callers build the commands and undo their in-memory change on failure),
+//! and a caller is never told "done" before Redis has answered `EXEC` with every command
+//! applied.
 
 use std::time::{Duration, Instant};
 
@@ -14,6 +18,7 @@ use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics as m;
+use crate::resp::{skim, Cursor, Parsed, RawConn, Step};
 
 /// `XADD P:events * kind <kind>`: the start of an events-stream entry (docs/redis.md);
 /// callers append the fields of their kind.
@@ -111,17 +116,27 @@ pub struct Committer {
 }
 
 impl Committer {
-    /// Starts the committer task on `conn`. `queue` bounds the changes waiting, `batch` the
-    /// changes per round trip, `timeout` how long a change may wait in all.
-    pub fn start(
-        conn: ConnectionManager,
+    /// Starts the committer task on `client`'s Redis: over a connection of its own when the
+    /// client's address is plain TCP (made when first needed), else over a redis-rs
+    /// `ConnectionManager` with `manager_cfg` (made now). `queue` bounds the changes
+    /// waiting, `batch` the changes per round trip, `timeout` how long a change may wait in
+    /// all.
+    pub async fn start(
+        client: &redis::Client,
+        manager_cfg: redis::aio::ConnectionManagerConfig,
         queue: usize,
         batch: usize,
         timeout: Duration,
-    ) -> (Committer, tokio::task::JoinHandle<()>) {
+    ) -> redis::RedisResult<(Committer, tokio::task::JoinHandle<()>)> {
+        let conn = match RawConn::for_client(client) {
+            Some(raw) => Transport::Raw(raw, Vec::new()),
+            None => Transport::Managed(
+                ConnectionManager::new_with_config(client.clone(), manager_cfg).await?,
+            ),
+        };
         let (tx, rx) = mpsc::channel(queue);
         let task = tokio::spawn(run(conn, rx, batch.max(1), timeout));
-        (Committer { tx, timeout }, task)
+        Ok((Committer { tx, timeout }, task))
     }
 
     /// Records `cmds` atomically with the other changes of its batch. Resolves once Redis
@@ -184,12 +199,16 @@ impl Committer {
     }
 }
 
-async fn run(
-    mut conn: ConnectionManager,
-    mut rx: mpsc::Receiver<Job>,
-    max: usize,
-    timeout: Duration,
-) {
+/// How the committer reaches Redis.
+enum Transport {
+    /// Its own TCP connection, transactions written and read by hand (plain TCP URLs),
+    /// and the request buffer, kept between batches so its memory is reused.
+    Raw(RawConn, Vec<u8>),
+    /// redis-rs (TLS and Unix-socket URLs).
+    Managed(ConnectionManager),
+}
+
+async fn run(mut conn: Transport, mut rx: mpsc::Receiver<Job>, max: usize, timeout: Duration) {
     let mut batch: Vec<Job> = Vec::with_capacity(max);
     while let Some(first) = rx.recv().await {
         batch.push(first);
@@ -210,13 +229,7 @@ async fn run(
                 } => writes.push((change, deadline, reply)),
                 Job::Probe { cmd, reply } => {
                     write_batch(&mut conn, std::mem::take(&mut writes), timeout).await;
-                    let r = match tokio::time::timeout(timeout, cmd.query_async::<i64>(&mut conn))
-                        .await
-                    {
-                        Ok(Ok(n)) => Ok(n),
-                        Ok(Err(e)) => Err(classify(&e)),
-                        Err(_) => Err(CommitError::Unknown),
-                    };
+                    let r = probe(&mut conn, &cmd, timeout).await;
                     let _ = reply.send(r);
                 }
             }
@@ -232,46 +245,120 @@ type WriteJob = (Change, Instant, oneshot::Sender<Result<(), CommitError>>);
 /// search beats a map.
 #[derive(Default)]
 struct MergedHashes {
-    hashes: Vec<(String, redis::Cmd, Option<u64>)>,
+    hashes: Vec<MergedHash>,
+}
+
+/// The writes of one batch to one hash.
+struct MergedHash {
+    key: String,
+    fields: Vec<(String, String)>,
+    /// The latest expiry asked for, unix ms.
+    expire: Option<u64>,
+}
+
+impl MergedHash {
+    /// Its `PEXPIRE` argument (relative to `now_ms`, at least 1 ms), if it expires.
+    fn ttl_ms(&self, now_ms: u64) -> Option<u64> {
+        self.expire.map(|at| at.saturating_sub(now_ms).max(1))
+    }
 }
 
 impl MergedHashes {
     fn add(&mut self, w: HashWrite) {
-        let i = match self.hashes.iter().position(|(k, _, _)| *k == w.key) {
+        let i = match self.hashes.iter().position(|h| h.key == w.key) {
             Some(i) => i,
             None => {
-                let mut hset = redis::cmd("HSET");
-                hset.arg(&w.key);
-                self.hashes.push((w.key, hset, None));
+                self.hashes.push(MergedHash {
+                    key: w.key,
+                    fields: Vec::new(),
+                    expire: None,
+                });
                 self.hashes.len() - 1
             }
         };
-        let (_, hset, expire) = &mut self.hashes[i];
-        hset.arg(w.field).arg(w.value);
-        *expire = (*expire).max(w.expire_at_ms);
+        let h = &mut self.hashes[i];
+        h.fields.push((w.field, w.value));
+        h.expire = h.expire.max(w.expire_at_ms);
     }
 
-    /// Appends one `HSET` per hash, each followed by its `PEXPIRE` (relative to `now_ms`,
-    /// at least 1 ms) when it has an expiry.
-    fn append_to(self, pipe: &mut redis::Pipeline, now_ms: u64) {
-        for (key, hset, expire) in self.hashes {
-            pipe.add_command(hset).ignore();
-            if let Some(at) = expire {
-                let ttl = at.saturating_sub(now_ms).max(1);
-                pipe.cmd("PEXPIRE").arg(key).arg(ttl).ignore();
+    /// Appends one `HSET` per hash, each followed by its `PEXPIRE` when it has an expiry.
+    fn append_to(self, cmds: &mut Vec<redis::Cmd>, now_ms: u64) {
+        for h in self.hashes {
+            let ttl = h.ttl_ms(now_ms);
+            let mut hset = redis::cmd("HSET");
+            hset.arg(&h.key);
+            for (f, v) in &h.fields {
+                hset.arg(f).arg(v);
+            }
+            cmds.push(hset);
+            if let Some(ttl) = ttl {
+                let mut pexpire = redis::cmd("PEXPIRE");
+                pexpire.arg(h.key).arg(ttl);
+                cmds.push(pexpire);
             }
         }
     }
+
+    /// The same commands as [`MergedHashes::append_to`], encoded straight into `out` (no
+    /// command objects, no regrowing of their buffers); returns how many it wrote.
+    fn encode(&self, out: &mut Vec<u8>, now_ms: u64) -> usize {
+        let mut n = 0;
+        for h in &self.hashes {
+            resp_header(out, b'*', 2 + 2 * h.fields.len());
+            resp_bulk(out, b"HSET");
+            resp_bulk(out, h.key.as_bytes());
+            for (f, v) in &h.fields {
+                resp_bulk(out, f.as_bytes());
+                resp_bulk(out, v.as_bytes());
+            }
+            n += 1;
+            if let Some(ttl) = h.ttl_ms(now_ms) {
+                resp_header(out, b'*', 3);
+                resp_bulk(out, b"PEXPIRE");
+                resp_bulk(out, h.key.as_bytes());
+                resp_bulk(out, ttl.to_string().as_bytes());
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// About the bytes `encode` writes (room for every length header).
+    fn encoded_len(&self) -> usize {
+        self.hashes
+            .iter()
+            .map(|h| {
+                64 + 2 * h.key.len()
+                    + h.fields
+                        .iter()
+                        .map(|(f, v)| f.len() + v.len() + 32)
+                        .sum::<usize>()
+            })
+            .sum()
+    }
+}
+
+/// `<t><n>\r\n`.
+fn resp_header(out: &mut Vec<u8>, t: u8, n: usize) {
+    use std::io::Write as _;
+    out.push(t);
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, "{n}\r\n");
+}
+
+/// A bulk string.
+fn resp_bulk(out: &mut Vec<u8>, b: &[u8]) {
+    resp_header(out, b'$', b.len());
+    out.extend_from_slice(b);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// One group commit: every live change in one `MULTI`/`EXEC`, then every caller answered.
-async fn write_batch(conn: &mut ConnectionManager, jobs: Vec<WriteJob>, timeout: Duration) {
+async fn write_batch(conn: &mut Transport, jobs: Vec<WriteJob>, timeout: Duration) {
     if jobs.is_empty() {
         return;
     }
     let now = Instant::now();
-    let mut pipe = redis::pipe();
-    pipe.atomic();
     let mut live = Vec::with_capacity(jobs.len());
     let mut hashes = MergedHashes::default();
     let mut plain = Vec::new();
@@ -291,10 +378,6 @@ async fn write_batch(conn: &mut ConnectionManager, jobs: Vec<WriteJob>, timeout:
     if live.is_empty() {
         return;
     }
-    hashes.append_to(&mut pipe, crate::metrics::unix_ms());
-    for c in plain {
-        pipe.add_command(c).ignore();
-    }
     metrics::histogram!(m::COMMIT_BATCH).record(live.len() as f64);
     let started = Instant::now();
     let remaining = live
@@ -303,19 +386,38 @@ async fn write_batch(conn: &mut ConnectionManager, jobs: Vec<WriteJob>, timeout:
         .min()
         .map(|d| d.saturating_duration_since(started))
         .unwrap_or(timeout);
-    let result = if pipe.cmd_iter().next().is_none() {
+    let now_ms = crate::metrics::unix_ms();
+    let result = if plain.is_empty() && hashes.hashes.is_empty() {
         Ok(())
     } else {
-        match tokio::time::timeout(remaining, pipe.query_async::<()>(conn)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
-                let c = classify(&e);
-                tracing::warn!(error = %e, changes = live.len(), outcome = ?c, "group commit failed");
-                Err(c)
+        match conn {
+            Transport::Raw(raw, request) => {
+                request.clear();
+                request.reserve(
+                    MULTI.len()
+                        + EXEC.len()
+                        + hashes.encoded_len()
+                        + plain.iter().map(packed_len).sum::<usize>(),
+                );
+                request.extend_from_slice(MULTI);
+                let mut n = hashes.encode(request, now_ms);
+                for c in &plain {
+                    c.write_packed_command(request);
+                    n += 1;
+                }
+                request.extend_from_slice(EXEC);
+                let r = exec_raw(raw, request, n, remaining, live.len()).await;
+                // Give back a buffer grown by an unusually large batch.
+                if request.capacity() > 4 << 20 {
+                    *request = Vec::new();
+                }
+                r
             }
-            Err(_) => {
-                tracing::warn!(changes = live.len(), "group commit timed out");
-                Err(CommitError::Unknown)
+            Transport::Managed(manager) => {
+                let mut cmds = Vec::with_capacity(plain.len() + 4);
+                hashes.append_to(&mut cmds, now_ms);
+                cmds.append(&mut plain);
+                exec_managed(manager, cmds, remaining, live.len()).await
             }
         }
     };
@@ -329,9 +431,292 @@ async fn write_batch(conn: &mut ConnectionManager, jobs: Vec<WriteJob>, timeout:
     }
 }
 
+/// `cmds` as one transaction through redis-rs.
+async fn exec_managed(
+    conn: &mut ConnectionManager,
+    cmds: Vec<redis::Cmd>,
+    remaining: Duration,
+    changes: usize,
+) -> Result<(), CommitError> {
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    for c in cmds {
+        pipe.add_command(c).ignore();
+    }
+    match tokio::time::timeout(remaining, pipe.query_async::<()>(conn)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            let c = classify(&e);
+            tracing::warn!(error = %e, changes, outcome = ?c, "group commit failed");
+            Err(c)
+        }
+        Err(_) => {
+            tracing::warn!(changes, "group commit timed out");
+            Err(CommitError::Unknown)
+        }
+    }
+}
+
+const MULTI: &[u8] = b"*1\r\n$5\r\nMULTI\r\n";
+const EXEC: &[u8] = b"*1\r\n$4\r\nEXEC\r\n";
+
+/// The bytes `cmd` packs into, about.
+fn packed_len(cmd: &redis::Cmd) -> usize {
+    cmd.args_iter()
+        .map(|a| match a {
+            redis::Arg::Simple(b) => b.len() + 16,
+            _ => 24,
+        })
+        .sum::<usize>()
+        + 16
+}
+
+/// `request` (`MULTI`, `n` commands, `EXEC`) as one transaction on the committer's own
+/// connection, written at once; then the replies, walked by hand. Connecting is part of it:
+/// a connection that cannot be made means nothing was sent (`Unavailable`); once the
+/// request may have reached Redis, every failure to read a full, clean answer is
+/// `Unknown`, and the connection is dropped (its state is unknown too).
+async fn exec_raw(
+    conn: &mut RawConn,
+    request: &[u8],
+    n: usize,
+    remaining: Duration,
+    changes: usize,
+) -> Result<(), CommitError> {
+    let started = Instant::now();
+    if let Err(why) = connect_raw(conn, remaining).await {
+        tracing::warn!(error = %why, changes, "group commit: redis unreachable");
+        return Err(CommitError::Unavailable(why));
+    }
+    let left = remaining.saturating_sub(started.elapsed());
+    let outcome = tokio::time::timeout(left, conn.exchange(request, |b| parse_exec(b, n))).await;
+    match outcome {
+        Ok(Ok(Exec::Committed)) => Ok(()),
+        Ok(Ok(Exec::Discarded(why))) => {
+            // Redis refused the transaction as a whole: nothing ran.
+            tracing::warn!(error = %why, changes, "group commit refused");
+            Err(CommitError::Unavailable(why))
+        }
+        Ok(Ok(Exec::Partial(why))) => {
+            // Redis does not roll back: the commands before and after the failed one ran.
+            tracing::warn!(error = %why, changes, "group commit partly failed");
+            Err(CommitError::Unknown)
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, changes, "group commit failed");
+            conn.reset();
+            Err(CommitError::Unknown)
+        }
+        Err(_) => {
+            tracing::warn!(changes, "group commit timed out");
+            conn.reset();
+            Err(CommitError::Unknown)
+        }
+    }
+}
+
+/// Connects the committer's own connection if it is not, within `limit`; the error says
+/// why it could not.
+async fn connect_raw(conn: &mut RawConn, limit: Duration) -> Result<(), String> {
+    match tokio::time::timeout(limit, conn.ensure_connected()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            conn.reset();
+            Err(e.to_string())
+        }
+        Err(_) => {
+            conn.reset();
+            Err("connecting to redis timed out".into())
+        }
+    }
+}
+
+/// A probe (a command answering an integer) on the commit connection.
+async fn probe(
+    conn: &mut Transport,
+    cmd: &redis::Cmd,
+    timeout: Duration,
+) -> Result<i64, CommitError> {
+    match conn {
+        Transport::Managed(manager) => {
+            match tokio::time::timeout(timeout, cmd.query_async::<i64>(manager)).await {
+                Ok(Ok(n)) => Ok(n),
+                Ok(Err(e)) => Err(classify(&e)),
+                Err(_) => Err(CommitError::Unknown),
+            }
+        }
+        Transport::Raw(raw, _) => {
+            let started = Instant::now();
+            connect_raw(raw, timeout)
+                .await
+                .map_err(CommitError::Unavailable)?;
+            let left = timeout.saturating_sub(started.elapsed());
+            let request = cmd.get_packed_command();
+            match tokio::time::timeout(left, raw.exchange(&request, crate::resp::parse_int)).await {
+                Ok(Ok(n)) => Ok(n),
+                // Redis answered with an error: the probe did not run.
+                Ok(Err(e)) if e.kind() == redis::ErrorKind::Extension => {
+                    Err(CommitError::Unavailable(e.to_string()))
+                }
+                Ok(Err(_)) | Err(_) => {
+                    raw.reset();
+                    Err(CommitError::Unknown)
+                }
+            }
+        }
+    }
+}
+
+/// What Redis made of a transaction.
+#[derive(Debug, PartialEq, Eq)]
+enum Exec {
+    /// Every command ran.
+    Committed,
+    /// Nothing ran (`EXECABORT`: a command was refused while queueing; or `EXEC` failed).
+    Discarded(String),
+    /// `EXEC` ran the commands and some failed at run time (Redis does not roll back).
+    Partial(String),
+}
+
+/// The replies to `MULTI`, `n` queued commands and `EXEC`: `+OK`, `n` × `+QUEUED` (or an
+/// error for a command refused while queueing), then `EXEC`'s array of `n` replies, an
+/// error (`-EXECABORT`), or nil.
+fn parse_exec(b: &[u8], n: usize) -> Parsed<Exec> {
+    Parsed::from_step(walk_exec(&mut Cursor::new(b), n))
+}
+
+fn walk_exec(c: &mut Cursor<'_>, n: usize) -> Step<Exec> {
+    let error_text =
+        |l: &[u8]| String::from_utf8_lossy(l.get(1..).unwrap_or_default()).into_owned();
+    let mut refused: Option<String> = None;
+    // MULTI's reply, then one per queued command.
+    for _ in 0..=n {
+        match c.peek() {
+            None => return Err(None),
+            Some(b'+') => {
+                c.line()?;
+            }
+            Some(b'-') => {
+                let l = c.line()?;
+                refused.get_or_insert_with(|| error_text(l));
+            }
+            Some(t) => {
+                return Err(Some(format!(
+                    "unexpected reply {:?} inside a transaction",
+                    t as char
+                )))
+            }
+        }
+    }
+    match c.peek() {
+        None => Err(None),
+        Some(b'-') => {
+            let l = c.line()?;
+            Ok(Exec::Discarded(refused.unwrap_or_else(|| error_text(l))))
+        }
+        Some(b'*') => {
+            let Some(k) = c.array()? else {
+                return Ok(Exec::Discarded("transaction aborted".into()));
+            };
+            if k != n {
+                return Err(Some(format!("EXEC answered {k} replies for {n} commands")));
+            }
+            let mut failed = refused;
+            for _ in 0..k {
+                if c.peek() == Some(b'-') {
+                    let l = c.line()?;
+                    failed.get_or_insert_with(|| error_text(l));
+                } else {
+                    skim(c, 1)?;
+                }
+            }
+            Ok(match failed {
+                None => Exec::Committed,
+                Some(why) => Exec::Partial(why),
+            })
+        }
+        Some(t) => Err(Some(format!("unexpected EXEC reply {:?}", t as char))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_raw_transaction_is_what_redis_rs_would_send() {
+        let mut a = redis::cmd("HSET");
+        a.arg("h").arg("f").arg("v");
+        let mut b = redis::cmd("XADD");
+        b.arg("s").arg("*").arg("kind").arg("reserved");
+        let mut request = MULTI.to_vec();
+        for c in [&a, &b] {
+            c.write_packed_command(&mut request);
+        }
+        request.extend_from_slice(EXEC);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .add_command(a)
+            .ignore()
+            .add_command(b)
+            .ignore();
+        assert_eq!(request, pipe.get_packed_pipeline());
+    }
+
+    #[test]
+    fn transaction_replies_say_what_ran() {
+        let ok = b"+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n:1\r\n$3\r\n1-0\r\n";
+        assert_eq!(parse_exec(ok, 2), Parsed::Done(Exec::Committed));
+        for cut in 0..ok.len() {
+            assert_eq!(
+                parse_exec(&ok[..cut], 2),
+                Parsed::Incomplete,
+                "cut at {cut}"
+            );
+        }
+        // A command refused while queueing: nothing ran.
+        let refused =
+            b"+OK\r\n-ERR unknown command 'NOPE'\r\n+QUEUED\r\n-EXECABORT Transaction discarded\r\n";
+        assert_eq!(
+            parse_exec(refused, 2),
+            Parsed::Done(Exec::Discarded("ERR unknown command 'NOPE'".into()))
+        );
+        assert_eq!(
+            parse_exec(b"-NOAUTH x\r\n-NOAUTH x\r\n-NOAUTH x\r\n", 1),
+            Parsed::Done(Exec::Discarded("NOAUTH x".into()))
+        );
+        assert_eq!(
+            parse_exec(b"+OK\r\n+QUEUED\r\n*-1\r\n", 1),
+            Parsed::Done(Exec::Discarded("transaction aborted".into()))
+        );
+        // A command failing at run time: the others ran.
+        let partial = b"+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n-WRONGTYPE no\r\n:1\r\n";
+        assert_eq!(
+            parse_exec(partial, 2),
+            Parsed::Done(Exec::Partial("WRONGTYPE no".into()))
+        );
+        // Not a transaction's replies: malformed, never a success, never a panic.
+        for bad in [
+            &b"+OK\r\n+QUEUED\r\n*2\r\n:1\r\n:1\r\n"[..],
+            b"+OK\r\n:1\r\n*1\r\n:1\r\n",
+            b"$2\r\nOK\r\n",
+            b"+OK\r\n+QUEUED\r\n:1\r\n",
+            b"+OK\r\n+QUEUED\r\n*1\r\n$18446744073709551615\r\n",
+            b"+OK\r\n+QUEUED\r\n*1\r\n*x\r\n",
+        ] {
+            assert!(
+                matches!(parse_exec(bad, 1), Parsed::Bad(_)),
+                "{:?}: {:?}",
+                String::from_utf8_lossy(bad),
+                parse_exec(bad, 1)
+            );
+        }
+        // A count that is not the number of commands is malformed (nothing is allocated).
+        assert_eq!(
+            parse_exec(b"+OK\r\n+QUEUED\r\n*4611686018427387904\r\n", 1),
+            Parsed::Bad("EXEC answered 4611686018427387904 replies for 1 commands".into())
+        );
+    }
 
     #[test]
     fn a_sized_event_is_the_same_command() {
@@ -378,9 +763,15 @@ mod tests {
         m.add(write("res", "b", None));
         m.add(write("idem:1", "y", Some(90)));
         m.add(write("idem:2", "z", Some(200)));
-        let mut pipe = redis::pipe();
-        m.append_to(&mut pipe, 40);
-        let cmds: Vec<Vec<String>> = pipe.cmd_iter().map(args).collect();
+        // Encoded straight to bytes, the same commands as redis-rs would pack.
+        let mut encoded = Vec::new();
+        assert_eq!(m.encode(&mut encoded, 40), 5);
+        assert!(encoded.len() <= m.encoded_len());
+        let mut out = Vec::new();
+        m.append_to(&mut out, 40);
+        let packed: Vec<u8> = out.iter().flat_map(|c| c.get_packed_command()).collect();
+        assert_eq!(encoded, packed);
+        let cmds: Vec<Vec<String>> = out.iter().map(args).collect();
         assert_eq!(
             cmds,
             vec![
@@ -394,9 +785,9 @@ mod tests {
         // An expiry already past (a clock ahead of the records) still expires, at once.
         let mut m = MergedHashes::default();
         m.add(write("idem:0", "w", Some(10)));
-        let mut pipe = redis::pipe();
-        m.append_to(&mut pipe, 40);
-        let cmds: Vec<Vec<String>> = pipe.cmd_iter().map(args).collect();
+        let mut out = Vec::new();
+        m.append_to(&mut out, 40);
+        let cmds: Vec<Vec<String>> = out.iter().map(args).collect();
         assert_eq!(cmds[1], vec!["PEXPIRE", "idem:0", "1"]);
     }
 }

@@ -20,5 +20,6 @@ pub mod order_writer;
 pub mod outbound;
 pub mod protocol;
 pub mod recovery;
+pub(crate) mod resp;
 pub mod server;
 pub mod store;

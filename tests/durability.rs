@@ -691,3 +691,57 @@ async fn pipelined_carts_mixing_reserved_and_sold_out_all_get_their_reply() {
     let sold_out = replies.values().filter(|r| r["code"] == "sold_out").count();
     assert_eq!(sold_out, 5, "{replies:?}");
 }
+
+/// Over a Unix socket the committer writes through redis-rs (its own connection is plain
+/// TCP only): carts are recorded, a release is, and a retry answers the same reservation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_a_unix_socket_carts_and_releases_are_recorded() {
+    let redis = RedisServer::start();
+    let prefix = unique_prefix();
+    let gw = Gateway::start_with(
+        &redis.unix_url(),
+        &[("LIVEGATE_KEY_PREFIX", prefix.as_str())],
+    )
+    .await;
+    let _anchor = room_with_product(&gw, "u", "s", 10).await;
+    let mut v = gw.viewer("unixer").await;
+    let mut ids = Vec::new();
+    for req in ["a", "b", "c"] {
+        v.send(json!({"type":"add_to_cart","req":req,"room":"u","sku":"s","qty":1}))
+            .await;
+        let r = v.reply_to(req).await;
+        assert_eq!(r["type"], "reserved", "{r}");
+        ids.push(r["reservation"].as_str().expect("id").to_string());
+    }
+    v.send(json!({"type":"add_to_cart","req":"a","room":"u","sku":"s","qty":1}))
+        .await;
+    let again = v.reply_to("a").await;
+    assert_eq!(again["reservation"], ids[0].as_str(), "{again}");
+    let released = v
+        .request(json!({"type":"release","req":"r1","reservation":ids[1]}))
+        .await;
+    assert_eq!(released["type"], "released", "{released}");
+    let mut c = redis_conn(&redis.url()).await;
+    let held: HashMap<String, String> = c
+        .hgetall(format!("{prefix}:reservations"))
+        .await
+        .expect("hgetall");
+    let mut held: Vec<String> = held.into_keys().collect();
+    held.sort();
+    let mut want = vec![ids[0].clone(), ids[2].clone()];
+    want.sort();
+    assert_eq!(held, want);
+    assert_eq!(
+        stream_entries(&redis.url(), &prefix, "reserved")
+            .await
+            .len(),
+        3
+    );
+    assert_eq!(
+        stream_entries(&redis.url(), &prefix, "released")
+            .await
+            .len(),
+        1
+    );
+    assert_eq!(gw.app.inventory.available("s"), Some(8));
+}

@@ -74,7 +74,11 @@ impl RedisServer {
             .arg("--daemonize")
             .arg("no")
             .arg("--logfile")
-            .arg(self.dir.join("redis.log"));
+            .arg(self.dir.join("redis.log"))
+            .arg("--unixsocket")
+            .arg(self.dir.join("redis.sock"))
+            .arg("--unixsocketperm")
+            .arg("700");
         if self.durable {
             cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
         } else {
@@ -114,6 +118,12 @@ impl RedisServer {
     /// `redis://127.0.0.1:PORT/`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// `redis+unix://DIR/redis.sock`: the same server over its Unix socket (the gateway's
+    /// committer and order writer then use redis-rs, not their own TCP connections).
+    pub fn unix_url(&self) -> String {
+        format!("redis+unix://{}", self.dir.join("redis.sock").display())
     }
 
     pub fn port(&self) -> u16 {

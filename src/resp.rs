@@ -1,0 +1,418 @@
+//! A plain TCP connection to Redis of its own, with a small hand-written RESP2 reader, for
+//! the two hot paths where redis-rs's reply parsing was measured to cost too much: the
+//! order writer's `XREADGROUP` reads (`order_writer::resp`) and the committer's
+//! transactions (`commit`). docs/benchmarks.md has the profiles.
+//!
+//! It owns the connection (plain TCP, AUTH and SELECT as the URL says), its read buffer,
+//! and the generic reading of replies: a cheap skim until a reply is complete, then the
+//! caller's walk. It does not reconnect by itself (a caller resets it after any error and
+//! connects again when it next needs it) and knows nothing of what the commands mean. It
+//! must not panic on any bytes: lengths and counts are checked, never trusted for
+//! allocation, and nesting is bounded; a malformed reply is a `Parse` error, after which
+//! the caller drops the connection. Other URLs (TLS, Unix sockets) are not handled here:
+//! `RawConn::for_client` answers `None` and the callers stay on redis-rs.
+
+use std::time::Duration;
+
+use redis::{ConnectionAddr, ErrorKind, RedisError, RedisResult};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+/// The longest reply accepted (the replies read here are far smaller); past it the reply is
+/// treated as garbage rather than buffered without end.
+const MAX_REPLY_BYTES: usize = 256 << 20;
+/// How long connecting (and logging in) may take.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where and how to connect (taken from a redis-rs client), and the connection once made.
+#[derive(Debug)]
+pub(crate) struct RawConn {
+    host: String,
+    port: u16,
+    username: Option<String>,
+    password: Option<String>,
+    db: i64,
+    conn: Option<TcpStream>,
+    buf: Vec<u8>,
+}
+
+impl RawConn {
+    /// A connection to the client's Redis, or `None` when its address is not plain TCP.
+    pub(crate) fn for_client(client: &redis::Client) -> Option<RawConn> {
+        let info = client.get_connection_info();
+        let ConnectionAddr::Tcp(host, port) = info.addr() else {
+            return None;
+        };
+        let settings = info.redis_settings();
+        Some(RawConn {
+            host: host.clone(),
+            port: *port,
+            username: settings.username().map(str::to_string),
+            password: settings.password().map(str::to_string),
+            db: settings.db(),
+            conn: None,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Forgets the connection (after any error: its state is unknown).
+    pub(crate) fn reset(&mut self) {
+        self.conn = None;
+        self.buf = Vec::new();
+    }
+
+    /// Connects and logs in, within `CONNECT_TIMEOUT`, unless already connected.
+    pub(crate) async fn ensure_connected(&mut self) -> RedisResult<()> {
+        if self.conn.is_some() {
+            return Ok(());
+        }
+        let conn = match tokio::time::timeout(CONNECT_TIMEOUT, self.connect()).await {
+            Ok(conn) => conn?,
+            Err(_) => {
+                return Err(RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connecting to redis timed out",
+                )))
+            }
+        };
+        self.conn = Some(conn);
+        Ok(())
+    }
+
+    /// Writes `request` (one or more encoded commands) and reads until `parse` says the
+    /// reply is complete. Needs a connection (`ensure_connected`); the caller bounds the
+    /// time and resets after an error.
+    pub(crate) async fn exchange<T>(
+        &mut self,
+        request: &[u8],
+        parse: impl Fn(&[u8]) -> Parsed<T>,
+    ) -> RedisResult<T> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(RedisError::from((ErrorKind::Client, "not connected")));
+        };
+        conn.write_all(request).await?;
+        self.buf.clear();
+        let r = read_reply(conn, &mut self.buf, parse).await;
+        // Give back a buffer grown by an unusually large reply.
+        if self.buf.capacity() > 4 << 20 {
+            self.buf = Vec::new();
+        }
+        r
+    }
+
+    async fn connect(&self) -> RedisResult<TcpStream> {
+        let mut conn = TcpStream::connect((self.host.as_str(), self.port)).await?;
+        conn.set_nodelay(true)?;
+        let mut buf = Vec::new();
+        if let Some(password) = &self.password {
+            let mut args: Vec<&[u8]> = vec![b"AUTH"];
+            if let Some(user) = &self.username {
+                args.push(user.as_bytes());
+            }
+            args.push(password.as_bytes());
+            conn.write_all(&encode(&args)).await?;
+            read_reply(&mut conn, &mut buf, parse_ok).await?;
+        }
+        if self.db != 0 {
+            let db = self.db.to_string();
+            conn.write_all(&encode(&[b"SELECT", db.as_bytes()])).await?;
+            buf.clear();
+            read_reply(&mut conn, &mut buf, parse_ok).await?;
+        }
+        Ok(conn)
+    }
+}
+
+/// Reads into `buf` (kept between replies, so its memory is reused) until `parse` finds
+/// what it needs. The first reply is skimmed for completeness first (copy-free), so a
+/// large reply is walked once, not once per read.
+async fn read_reply<T>(
+    conn: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    parse: impl Fn(&[u8]) -> Parsed<T>,
+) -> RedisResult<T> {
+    loop {
+        let complete = {
+            let mut c = Cursor { b: buf, at: 0 };
+            skim(&mut c, 0)
+        };
+        let parsed = match complete {
+            Ok(()) | Err(Some(_)) => parse(buf),
+            Err(None) => Parsed::Incomplete,
+        };
+        match parsed {
+            Parsed::Done(v) => return Ok(v),
+            Parsed::ServerError(msg) => {
+                return Err(RedisError::from((
+                    ErrorKind::Extension,
+                    "server error",
+                    msg,
+                )))
+            }
+            Parsed::Bad(why) => return Err(RedisError::from((ErrorKind::Parse, "bad reply", why))),
+            Parsed::Incomplete => {}
+        }
+        if buf.len() > MAX_REPLY_BYTES {
+            return Err(RedisError::from((ErrorKind::Parse, "reply too large")));
+        }
+        buf.reserve(64 * 1024);
+        if conn.read_buf(buf).await? == 0 {
+            return Err(RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "redis closed the connection",
+            )));
+        }
+    }
+}
+
+/// A command as a RESP array of bulk strings.
+pub(crate) fn encode(args: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + args.iter().map(|a| a.len() + 16).sum::<usize>());
+    out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+/// What a parse of the buffer found.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Parsed<T> {
+    Done(T),
+    /// More bytes are needed.
+    Incomplete,
+    /// The server answered `-ERR ...`.
+    ServerError(String),
+    /// Not a reply of the expected shape.
+    Bad(String),
+}
+
+impl<T> Parsed<T> {
+    /// A walk's result as a parse: `Err(None)` is incomplete, `Err(Some)` malformed.
+    pub(crate) fn from_step(s: Step<T>) -> Parsed<T> {
+        match s {
+            Ok(v) => Parsed::Done(v),
+            Err(None) => Parsed::Incomplete,
+            Err(Some(why)) => Parsed::Bad(why),
+        }
+    }
+}
+
+/// A cursor over the reply bytes; every read checks its bounds (`None`: need more bytes).
+pub(crate) struct Cursor<'a> {
+    pub(crate) b: &'a [u8],
+    pub(crate) at: usize,
+}
+
+/// One step of a walk: `Err(None)` = incomplete, `Err(Some(why))` = malformed.
+pub(crate) type Step<T> = Result<T, Option<String>>;
+
+impl<'a> Cursor<'a> {
+    pub(crate) fn new(b: &'a [u8]) -> Cursor<'a> {
+        Cursor { b, at: 0 }
+    }
+
+    /// The next line (without its CRLF).
+    pub(crate) fn line(&mut self) -> Step<&'a [u8]> {
+        let rest = self.b.get(self.at..).ok_or(None)?;
+        // Header lines hold no CR of their own: the first CR ends the line.
+        let end = rest.iter().position(|&c| c == b'\r').ok_or(None)?;
+        match rest.get(end + 1) {
+            Some(b'\n') => {}
+            Some(_) => return Err(Some("CR without LF".into())),
+            None => return Err(None),
+        }
+        self.at += end + 2;
+        Ok(&rest[..end])
+    }
+
+    /// A header line `<t><int>`: returns (type byte, integer). `-` lines are errors.
+    fn header(&mut self) -> Step<(u8, i64)> {
+        let line = self.line()?;
+        let (&t, num) = line
+            .split_first()
+            .ok_or_else(|| Some("empty line".to_string()))?;
+        if t == b'-' {
+            return Err(Some(format!(
+                "server error: {}",
+                String::from_utf8_lossy(num)
+            )));
+        }
+        let n = std::str::from_utf8(num)
+            .ok()
+            .and_then(|s| s.parse::<i64>().ok())
+            .ok_or_else(|| Some(format!("bad header {:?}", String::from_utf8_lossy(line))))?;
+        Ok((t, n))
+    }
+
+    /// An array header: `Some(len)`, or `None` for the nil array `*-1`.
+    pub(crate) fn array(&mut self) -> Step<Option<usize>> {
+        match self.header()? {
+            (b'*', -1) => Ok(None),
+            (b'*', n) if n >= 0 => Ok(Some(n as usize)),
+            (t, n) => Err(Some(format!("expected an array, got {}{n}", t as char))),
+        }
+    }
+
+    /// A bulk string (or a simple string / integer, as bytes).
+    pub(crate) fn bulk(&mut self) -> Step<&'a [u8]> {
+        let start = self.at;
+        let line = self.line()?;
+        match line.first() {
+            Some(b'$') => {
+                let n = std::str::from_utf8(&line[1..])
+                    .ok()
+                    .and_then(|s| s.parse::<usize>().ok())
+                    .ok_or_else(|| Some("bad bulk length".to_string()))?;
+                let body_end = self.at.checked_add(n);
+                let Some(end) = body_end.and_then(|e| e.checked_add(2)) else {
+                    return Err(Some("bulk length overflows".into()));
+                };
+                let (Some(body), Some(crlf)) = (
+                    body_end.and_then(|e| self.b.get(self.at..e)),
+                    body_end.and_then(|e| self.b.get(e..end)),
+                ) else {
+                    self.at = start;
+                    return Err(None);
+                };
+                if crlf != b"\r\n" {
+                    return Err(Some("bulk string not followed by CRLF".into()));
+                }
+                self.at = end;
+                Ok(body)
+            }
+            Some(b'+') | Some(b':') => Ok(&line[1..]),
+            Some(b'-') => Err(Some(format!(
+                "server error: {}",
+                String::from_utf8_lossy(&line[1..])
+            ))),
+            _ => Err(Some(format!(
+                "expected a string, got {:?}",
+                String::from_utf8_lossy(line)
+            ))),
+        }
+    }
+
+    /// The type byte of the next value, if any byte is there.
+    pub(crate) fn peek(&self) -> Option<u8> {
+        self.b.get(self.at).copied()
+    }
+}
+
+/// Deepest nesting of a reply skimmed (an `XREADGROUP` reply is 4 arrays deep).
+const MAX_DEPTH: usize = 8;
+
+/// Walks one whole RESP2 value of any shape without copying: `Ok` once the buffer holds
+/// all of it. Every step consumes bytes and the depth is bounded, so it ends.
+pub(crate) fn skim(c: &mut Cursor<'_>, depth: usize) -> Step<()> {
+    if depth > MAX_DEPTH {
+        return Err(Some("reply nested too deep".into()));
+    }
+    match c.b.get(c.at) {
+        None => Err(None),
+        Some(b'*') => match c.array()? {
+            None => Ok(()),
+            Some(n) => {
+                for _ in 0..n {
+                    skim(c, depth + 1)?;
+                }
+                Ok(())
+            }
+        },
+        Some(b'$' | b'+' | b':') => c.bulk().map(|_| ()),
+        Some(b'-') => c.line().map(|_| ()),
+        Some(other) => Err(Some(format!("unexpected reply type {:?}", *other as char))),
+    }
+}
+
+/// A reply that is one line: `-ERR ...` is a server error, anything else goes to `f`.
+fn one_line<T>(b: &[u8], f: impl Fn(&[u8]) -> Parsed<T>) -> Parsed<T> {
+    let mut c = Cursor::new(b);
+    match c.line() {
+        Err(None) => Parsed::Incomplete,
+        Err(Some(why)) => Parsed::Bad(why),
+        Ok(l) if l.first() == Some(&b'-') => {
+            Parsed::ServerError(String::from_utf8_lossy(&l[1..]).into_owned())
+        }
+        Ok(l) => f(l),
+    }
+}
+
+/// `+OK` (AUTH, SELECT).
+pub(crate) fn parse_ok(b: &[u8]) -> Parsed<()> {
+    one_line(b, |l| {
+        if l.first() == Some(&b'+') {
+            Parsed::Done(())
+        } else {
+            Parsed::Bad(format!(
+                "expected +OK, got {:?}",
+                String::from_utf8_lossy(l)
+            ))
+        }
+    })
+}
+
+/// `:<n>` (HEXISTS and the like).
+pub(crate) fn parse_int(b: &[u8]) -> Parsed<i64> {
+    one_line(b, |l| {
+        match l
+            .strip_prefix(b":")
+            .and_then(|n| std::str::from_utf8(n).ok())
+            .and_then(|n| n.parse::<i64>().ok())
+        {
+            Some(n) => Parsed::Done(n),
+            None => Parsed::Bad(format!(
+                "expected an integer, got {:?}",
+                String::from_utf8_lossy(l)
+            )),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_line_replies() {
+        assert_eq!(parse_ok(b"+OK\r\n"), Parsed::Done(()));
+        assert_eq!(parse_ok(b"+OK"), Parsed::Incomplete);
+        assert!(matches!(
+            parse_ok(b"-WRONGPASS\r\n"),
+            Parsed::ServerError(_)
+        ));
+        assert!(matches!(parse_ok(b":1\r\n"), Parsed::Bad(_)));
+        assert_eq!(parse_int(b":1\r\n"), Parsed::Done(1));
+        assert_eq!(parse_int(b":-42\r\n"), Parsed::Done(-42));
+        assert_eq!(parse_int(b":1"), Parsed::Incomplete);
+        assert!(matches!(parse_int(b"+OK\r\n"), Parsed::Bad(_)));
+        assert!(matches!(parse_int(b":x\r\n"), Parsed::Bad(_)));
+        assert!(matches!(
+            parse_int(b"-ERR wrong\r\n"),
+            Parsed::ServerError(_)
+        ));
+    }
+
+    #[test]
+    fn hostile_counts_and_nesting_end_without_panic() {
+        // A count far beyond the bytes: incomplete, no huge allocation.
+        let mut c = Cursor::new(b"*4611686018427387904\r\n");
+        assert_eq!(skim(&mut c, 0), Err(None));
+        // Deep nesting is refused before the stack is.
+        let deep = "*1\r\n".repeat(100_000);
+        let mut c = Cursor::new(deep.as_bytes());
+        assert!(matches!(skim(&mut c, 0), Err(Some(_))));
+    }
+
+    #[test]
+    fn commands_encode_as_bulk_arrays() {
+        assert_eq!(
+            encode(&[b"SELECT", b"2"]),
+            b"*2\r\n$6\r\nSELECT\r\n$1\r\n2\r\n".to_vec()
+        );
+    }
+}
