@@ -108,6 +108,18 @@ fn classify(e: &redis::RedisError) -> CommitError {
     }
 }
 
+/// Whether a failed transaction through redis-rs may still have been applied, in part.
+/// Only `EXECABORT` (a command refused while queueing) and a refused connection say that
+/// nothing ran: an error from a command inside `EXEC` comes back the same way as one that
+/// stopped the transaction, and Redis does not roll back the commands around it.
+fn classify_exec(e: &redis::RedisError) -> CommitError {
+    if e.is_connection_refusal() || e.code() == Some("EXECABORT") {
+        CommitError::Unavailable(e.to_string())
+    } else {
+        CommitError::Unknown
+    }
+}
+
 /// A handle to the committer task; cheap to clone.
 #[derive(Clone)]
 pub struct Committer {
@@ -446,7 +458,7 @@ async fn exec_managed(
     match tokio::time::timeout(remaining, pipe.query_async::<()>(conn)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => {
-            let c = classify(&e);
+            let c = classify_exec(&e);
             tracing::warn!(error = %e, changes, outcome = ?c, "group commit failed");
             Err(c)
         }
@@ -489,7 +501,11 @@ async fn exec_raw(
         return Err(CommitError::Unavailable(why));
     }
     let left = remaining.saturating_sub(started.elapsed());
-    let outcome = tokio::time::timeout(left, conn.exchange(request, |b| parse_exec(b, n))).await;
+    let before = conn.requests_sent();
+    // MULTI, the n commands, EXEC: n + 2 replies.
+    let outcome =
+        tokio::time::timeout(left, conn.exchange(request, n + 2, |b| parse_exec(b, n))).await;
+    let sent = conn.requests_sent() != before;
     match outcome {
         Ok(Ok(Exec::Committed)) => Ok(()),
         Ok(Ok(Exec::Discarded(why))) => {
@@ -503,14 +519,25 @@ async fn exec_raw(
             Err(CommitError::Unknown)
         }
         Ok(Err(e)) => {
-            tracing::warn!(error = %e, changes, "group commit failed");
+            tracing::warn!(error = %e, changes, sent, "group commit failed");
             conn.reset();
-            Err(CommitError::Unknown)
+            Err(if sent {
+                CommitError::Unknown
+            } else {
+                // Failed while reading off an earlier request's replies: this one never
+                // went out.
+                CommitError::Unavailable(e.to_string())
+            })
         }
         Err(_) => {
-            tracing::warn!(changes, "group commit timed out");
-            conn.reset();
-            Err(CommitError::Unknown)
+            // The connection is kept: it owes the replies, and the next request (a probe
+            // of this one, say) is read and run after this one, never before.
+            tracing::warn!(changes, sent, "group commit timed out");
+            Err(if sent {
+                CommitError::Unknown
+            } else {
+                CommitError::Unavailable("redis has not answered an earlier write yet".into())
+            })
         }
     }
 }
@@ -552,16 +579,19 @@ async fn probe(
                 .map_err(CommitError::Unavailable)?;
             let left = timeout.saturating_sub(started.elapsed());
             let request = cmd.get_packed_command();
-            match tokio::time::timeout(left, raw.exchange(&request, crate::resp::parse_int)).await {
+            let exchange = raw.exchange(&request, 1, crate::resp::parse_int);
+            match tokio::time::timeout(left, exchange).await {
                 Ok(Ok(n)) => Ok(n),
                 // Redis answered with an error: the probe did not run.
                 Ok(Err(e)) if e.kind() == redis::ErrorKind::Extension => {
                     Err(CommitError::Unavailable(e.to_string()))
                 }
-                Ok(Err(_)) | Err(_) => {
+                Ok(Err(_)) => {
                     raw.reset();
                     Err(CommitError::Unknown)
                 }
+                // Kept, owing the reply (see `exec_raw`).
+                Err(_) => Err(CommitError::Unknown),
             }
         }
     }
@@ -588,25 +618,55 @@ fn parse_exec(b: &[u8], n: usize) -> Parsed<Exec> {
 fn walk_exec(c: &mut Cursor<'_>, n: usize) -> Step<Exec> {
     let error_text =
         |l: &[u8]| String::from_utf8_lossy(l.get(1..).unwrap_or_default()).into_owned();
+    // MULTI's reply: `+OK`, or an error, after which Redis ran each command at once.
+    let multi_refused = match c.peek() {
+        None => return Err(None),
+        Some(b'-') => Some(error_text(c.line()?)),
+        Some(_) => match c.line()? {
+            b"+OK" => None,
+            l => {
+                return Err(Some(format!(
+                    "MULTI answered {:?}",
+                    String::from_utf8_lossy(l)
+                )))
+            }
+        },
+    };
     let mut refused: Option<String> = None;
-    // MULTI's reply, then one per queued command.
-    for _ in 0..=n {
+    let mut ran_alone = false;
+    for _ in 0..n {
         match c.peek() {
             None => return Err(None),
-            Some(b'+') => {
-                c.line()?;
-            }
             Some(b'-') => {
                 let l = c.line()?;
                 refused.get_or_insert_with(|| error_text(l));
             }
-            Some(t) => {
-                return Err(Some(format!(
-                    "unexpected reply {:?} inside a transaction",
-                    t as char
-                )))
+            Some(_) if multi_refused.is_some() => {
+                skim(c, 1)?;
+                ran_alone = true;
             }
+            Some(_) => match c.line()? {
+                b"+QUEUED" => {}
+                l => {
+                    return Err(Some(format!(
+                        "a command inside MULTI answered {:?}",
+                        String::from_utf8_lossy(l)
+                    )))
+                }
+            },
         }
+    }
+    if let Some(why) = multi_refused {
+        // EXEC answers an error ("EXEC without MULTI").
+        match c.peek() {
+            None => return Err(None),
+            _ => skim(c, 1)?,
+        }
+        return Ok(if ran_alone {
+            Exec::Partial(format!("MULTI refused ({why}); commands ran one by one"))
+        } else {
+            Exec::Discarded(why)
+        });
     }
     match c.peek() {
         None => Err(None),
@@ -695,8 +755,27 @@ mod tests {
             parse_exec(partial, 2),
             Parsed::Done(Exec::Partial("WRONGTYPE no".into()))
         );
+        // MULTI refused: nothing ran if every command was refused too; else they ran alone.
+        assert_eq!(
+            parse_exec(b"-ERR nested\r\n-ERR x\r\n-ERR EXEC without MULTI\r\n", 1),
+            Parsed::Done(Exec::Discarded("ERR nested".into()))
+        );
+        assert!(matches!(
+            parse_exec(
+                b"-ERR nested\r\n+OK\r\n:1\r\n-ERR EXEC without MULTI\r\n",
+                2
+            ),
+            Parsed::Done(Exec::Partial(_))
+        ));
+        // A nil bulk string among EXEC's replies (a `SET NX` that did not set, say).
+        assert_eq!(
+            parse_exec(b"+OK\r\n+QUEUED\r\n*1\r\n$-1\r\n", 1),
+            Parsed::Done(Exec::Committed)
+        );
         // Not a transaction's replies: malformed, never a success, never a panic.
         for bad in [
+            &b"+OK\r\n+OK\r\n*1\r\n:1\r\n"[..],
+            b"+QUEUED\r\n+QUEUED\r\n*1\r\n:1\r\n",
             &b"+OK\r\n+QUEUED\r\n*2\r\n:1\r\n:1\r\n"[..],
             b"+OK\r\n:1\r\n*1\r\n:1\r\n",
             b"$2\r\nOK\r\n",
@@ -759,6 +838,8 @@ mod tests {
     fn hash_writes_merge_into_one_hset_per_hash() {
         let mut m = MergedHashes::default();
         m.add(write("res", "a", None));
+        m.add(write("res", "", None));
+        m.add(write("res", "好 \r\n$", None));
         m.add(write("idem:1", "x", Some(100)));
         m.add(write("res", "b", None));
         m.add(write("idem:1", "y", Some(90)));
@@ -766,6 +847,7 @@ mod tests {
         // Encoded straight to bytes, the same commands as redis-rs would pack.
         let mut encoded = Vec::new();
         assert_eq!(m.encode(&mut encoded, 40), 5);
+        assert!(String::from_utf8_lossy(&encoded).contains("$7\r\n好 \r\n$\r\n"));
         assert!(encoded.len() <= m.encoded_len());
         let mut out = Vec::new();
         m.append_to(&mut out, 40);
@@ -775,7 +857,18 @@ mod tests {
         assert_eq!(
             cmds,
             vec![
-                vec!["HSET", "res", "a", "v-a", "b", "v-b"],
+                vec![
+                    "HSET",
+                    "res",
+                    "a",
+                    "v-a",
+                    "",
+                    "v-",
+                    "好 \r\n$",
+                    "v-好 \r\n$",
+                    "b",
+                    "v-b"
+                ],
                 vec!["HSET", "idem:1", "x", "v-x", "y", "v-y"],
                 vec!["PEXPIRE", "idem:1", "60"],
                 vec!["HSET", "idem:2", "z", "v-z"],

@@ -5,7 +5,11 @@
 //!
 //! It owns the connection (plain TCP, AUTH and SELECT as the URL says), its read buffer,
 //! and the generic reading of replies: a cheap skim until a reply is complete, then the
-//! caller's walk. It does not reconnect by itself (a caller resets it after any error and
+//! caller's walk. A caller that stops waiting (a timeout) leaves the connection owing the
+//! replies to what it sent; the next exchange reads them off before it sends anything, so
+//! requests on one connection are answered, and executed by Redis, strictly in order (a
+//! probe sent after a timed-out write is run after that write, if the write runs at all).
+//! It does not reconnect by itself (a caller resets it after an I/O or parse error and
 //! connects again when it next needs it) and knows nothing of what the commands mean. It
 //! must not panic on any bytes: lengths and counts are checked, never trusted for
 //! allocation, and nesting is bounded; a malformed reply is a `Parse` error, after which
@@ -36,6 +40,14 @@ pub(crate) struct RawConn {
     db: i64,
     conn: Option<TcpStream>,
     buf: Vec<u8>,
+    /// Replies still owed to a request whose caller stopped waiting; read off (into `buf`,
+    /// which may already hold part of them) before the next request is sent.
+    owed: usize,
+    /// A write was interrupted: the connection holds part of a request and is unusable.
+    writing: bool,
+    /// Requests whose writing has begun, ever (so a caller can tell whether its request
+    /// went out before it stopped waiting).
+    sent: u64,
 }
 
 impl RawConn {
@@ -54,17 +66,33 @@ impl RawConn {
             db: settings.db(),
             conn: None,
             buf: Vec::new(),
+            owed: 0,
+            writing: false,
+            sent: 0,
         })
     }
 
-    /// Forgets the connection (after any error: its state is unknown).
+    /// Requests whose writing has begun so far (see [`RawConn::exchange`]).
+    pub(crate) fn requests_sent(&self) -> u64 {
+        self.sent
+    }
+
+    /// Forgets the connection (after an I/O or parse error: its state is unknown).
     pub(crate) fn reset(&mut self) {
         self.conn = None;
         self.buf = Vec::new();
+        self.owed = 0;
+        self.writing = false;
     }
 
-    /// Connects and logs in, within `CONNECT_TIMEOUT`, unless already connected.
+    /// Connects and logs in, within `CONNECT_TIMEOUT`, unless already connected (a
+    /// connection left holding part of a request is replaced).
     pub(crate) async fn ensure_connected(&mut self) -> RedisResult<()> {
+        if self.writing {
+            // The request was cut short, so Redis never got all of it (a request ends with
+            // its last command's last byte): dropping the connection loses nothing sent.
+            self.reset();
+        }
         if self.conn.is_some() {
             return Ok(());
         }
@@ -81,22 +109,39 @@ impl RawConn {
         Ok(())
     }
 
-    /// Writes `request` (one or more encoded commands) and reads until `parse` says the
-    /// reply is complete. Needs a connection (`ensure_connected`); the caller bounds the
-    /// time and resets after an error.
+    /// Writes `request` (commands answered by `replies` replies in all) and reads until
+    /// `parse` says the reply is complete. First reads off the replies still owed to an
+    /// earlier request whose caller stopped waiting. Needs a connection
+    /// (`ensure_connected`). The caller bounds the time (dropping this future at any point
+    /// leaves the connection consistent: owing, or marked cut short) and resets after an
+    /// error.
     pub(crate) async fn exchange<T>(
         &mut self,
         request: &[u8],
+        replies: usize,
         parse: impl Fn(&[u8]) -> Parsed<T>,
     ) -> RedisResult<T> {
         let Some(conn) = self.conn.as_mut() else {
             return Err(RedisError::from((ErrorKind::Client, "not connected")));
         };
-        conn.write_all(request).await?;
+        if self.owed > 0 {
+            read_reply(conn, &mut self.buf, |b| skim_replies(b, self.owed)).await?;
+            self.owed = 0;
+            self.buf.clear();
+        }
         self.buf.clear();
+        self.sent += 1;
+        self.writing = true;
+        conn.write_all(request).await?;
+        self.writing = false;
+        self.owed = replies;
         let r = read_reply(conn, &mut self.buf, parse).await;
+        if r.is_ok() || r.as_ref().is_err_and(|e| e.kind() == ErrorKind::Extension) {
+            // Answered in full (a server error is a whole reply too).
+            self.owed = 0;
+        }
         // Give back a buffer grown by an unusually large reply.
-        if self.buf.capacity() > 4 << 20 {
+        if self.buf.capacity() > 4 << 20 && self.owed == 0 {
             self.buf = Vec::new();
         }
         r
@@ -323,6 +368,11 @@ pub(crate) fn skim(c: &mut Cursor<'_>, depth: usize) -> Step<()> {
                 Ok(())
             }
         },
+        Some(b'$') if c.b.get(c.at..).is_some_and(|r| r.starts_with(b"$-1\r\n")) => {
+            // The nil bulk string.
+            c.at += 5;
+            Ok(())
+        }
         Some(b'$' | b'+' | b':') => c.bulk().map(|_| ()),
         Some(b'-') => c.line().map(|_| ()),
         Some(other) => Err(Some(format!("unexpected reply type {:?}", *other as char))),
@@ -340,6 +390,17 @@ fn one_line<T>(b: &[u8], f: impl Fn(&[u8]) -> Parsed<T>) -> Parsed<T> {
         }
         Ok(l) => f(l),
     }
+}
+
+/// `n` whole replies of any shape, read off and dropped.
+fn skim_replies(b: &[u8], n: usize) -> Parsed<()> {
+    let mut c = Cursor::new(b);
+    for _ in 0..n {
+        if let Err(e) = skim(&mut c, 0) {
+            return Parsed::from_step(Err(e));
+        }
+    }
+    Parsed::Done(())
 }
 
 /// `+OK` (AUTH, SELECT).

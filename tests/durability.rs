@@ -8,6 +8,7 @@ use std::{collections::HashMap, time::Duration};
 
 use common::{
     gateway::{room_with_product, unique_prefix, Client, Enc, Gateway, GatewayProcess},
+    proxy::HoldingProxy,
     redis::RedisServer,
 };
 use livegate::auth::Role;
@@ -744,4 +745,82 @@ async fn over_a_unix_socket_carts_and_releases_are_recorded() {
         1
     );
     assert_eq!(gw.app.inventory.available("s"), Some(8));
+}
+
+/// A transaction that is late, not lost: the cart's commit times out (its outcome is
+/// unknown, the units stay held), the transaction reaches Redis after the probe that asks
+/// about it was due, and still the probe sees it, because the committer keeps the
+/// connection and reads and runs everything on it in order. Before, a probe on a fresh
+/// connection could run first, answer "not landed", and give the units back while Redis
+/// then recorded the reservation: a unit sold twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_transaction_is_settled_by_a_probe_that_runs_after_it() {
+    let redis = RedisServer::start();
+    let proxy = HoldingProxy::start(redis.port()).await;
+    let prefix = unique_prefix();
+    let gw = Gateway::start_with(
+        &proxy.url(),
+        &[
+            ("LIVEGATE_KEY_PREFIX", prefix.as_str()),
+            ("LIVEGATE_COMMIT_TIMEOUT_MS", "300"),
+        ],
+    )
+    .await;
+    let _anchor = room_with_product(&gw, "late", "s", 10).await;
+    let mut v = gw.viewer("late-buyer").await;
+    v.send(json!({"type":"add_to_cart","req":"first","room":"late","sku":"s","qty":1}))
+        .await;
+    let first = v.reply_to("first").await;
+    assert_eq!(first["type"], "reserved", "{first}");
+
+    proxy.hold_existing(Duration::from_secs(2));
+    v.send(json!({"type":"add_to_cart","req":"late","room":"late","sku":"s","qty":1}))
+        .await;
+    let late = v.reply_to("late").await;
+    assert_eq!(late["type"], "error", "{late}");
+    assert_eq!(late["code"], "unavailable", "{late}");
+    // Held while unknown.
+    assert_eq!(gw.app.inventory.available("s"), Some(8));
+
+    // The hold ends after 2 s; the probes (every 250 ms) settle it soon after.
+    let mut c = redis_conn(&redis.url()).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let settled = loop {
+        let counts = gw.app.inventory.counts("s").expect("product");
+        let held: HashMap<String, String> = c
+            .hgetall(format!("{prefix}:reservations"))
+            .await
+            .expect("hgetall");
+        if held.len() == 2 && counts.reserved == 2 && counts.available == 8 {
+            // Settled as landed, in memory as in Redis; now a retry is the same cart.
+            break true;
+        }
+        if std::time::Instant::now() > deadline {
+            panic!(
+                "memory {counts:?} against {} reservations in redis",
+                held.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(settled);
+    let mut confirmed = false;
+    for _ in 0..50 {
+        v.send(json!({"type":"add_to_cart","req":"late","room":"late","sku":"s","qty":1}))
+            .await;
+        let again = v.reply_to("late").await;
+        if again["type"] == "reserved" {
+            confirmed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(confirmed, "the late cart was never confirmed");
+    assert_eq!(gw.app.inventory.available("s"), Some(8));
+    assert_eq!(
+        stream_entries(&redis.url(), &prefix, "reserved")
+            .await
+            .len(),
+        2
+    );
 }

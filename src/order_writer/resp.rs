@@ -47,7 +47,7 @@ impl RawReader {
         let conn = &mut self.conn;
         let r = tokio::time::timeout(timeout, async move {
             conn.ensure_connected().await?;
-            conn.exchange(&request, parse_read_reply).await
+            conn.exchange(&request, 1, parse_read_reply).await
         })
         .await;
         let r = match r {
