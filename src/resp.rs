@@ -127,7 +127,6 @@ impl RawConn {
         if self.owed > 0 {
             read_reply(conn, &mut self.buf, |b| skim_replies(b, self.owed)).await?;
             self.owed = 0;
-            self.buf.clear();
         }
         self.buf.clear();
         self.sent += 1;

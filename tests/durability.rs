@@ -824,3 +824,52 @@ async fn a_late_transaction_is_settled_by_a_probe_that_runs_after_it() {
         2
     );
 }
+
+/// A transaction Redis refuses as a whole (`EXECABORT`: here every write is refused for
+/// lack of memory) is known not to have run: the cart answers `unavailable` with its units
+/// already back, not held for a probe. Over the committer's own connection and over redis-rs.
+async fn a_refused_transaction_is_undone_at_once(unix: bool) {
+    let redis = RedisServer::start();
+    let prefix = unique_prefix();
+    let url = if unix { redis.unix_url() } else { redis.url() };
+    let gw = Gateway::start_with(&url, &[("LIVEGATE_KEY_PREFIX", prefix.as_str())]).await;
+    let _anchor = room_with_product(&gw, "oom", "s", 10).await;
+    let mut v = gw.viewer("oom-buyer").await;
+    let mut c = redis_conn(&redis.url()).await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("1")
+        .query_async(&mut c)
+        .await
+        .expect("config set");
+    v.send(json!({"type":"add_to_cart","req":"x","room":"oom","sku":"s","qty":2}))
+        .await;
+    let r = v.reply_to("x").await;
+    assert_eq!(r["code"], "unavailable", "{r}");
+    // Known not written: undone before the reply, not left to a probe.
+    let counts = gw.app.inventory.counts("s").expect("product");
+    assert_eq!((counts.available, counts.reserved), (10, 0), "{counts:?}");
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("0")
+        .query_async(&mut c)
+        .await
+        .expect("config set");
+    v.send(json!({"type":"add_to_cart","req":"x","room":"oom","sku":"s","qty":2}))
+        .await;
+    let r = v.reply_to("x").await;
+    assert_eq!(r["type"], "reserved", "{r}");
+    assert_eq!(gw.app.inventory.available("s"), Some(8));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_transaction_is_undone_at_once_over_tcp() {
+    a_refused_transaction_is_undone_at_once(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_transaction_is_undone_at_once_over_a_unix_socket() {
+    a_refused_transaction_is_undone_at_once(true).await;
+}
