@@ -825,6 +825,16 @@ async fn a_late_transaction_is_settled_by_a_probe_that_runs_after_it() {
     );
 }
 
+async fn set_maxmemory(c: &mut redis::aio::MultiplexedConnection, bytes: &str) {
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(bytes)
+        .query_async(c)
+        .await
+        .expect("config set maxmemory");
+}
+
 /// A transaction Redis refuses as a whole (`EXECABORT`: here every write is refused for
 /// lack of memory) is known not to have run: the cart answers `unavailable` with its units
 /// already back, not held for a probe. Over the committer's own connection and over redis-rs.
@@ -836,13 +846,7 @@ async fn a_refused_transaction_is_undone_at_once(unix: bool) {
     let _anchor = room_with_product(&gw, "oom", "s", 10).await;
     let mut v = gw.viewer("oom-buyer").await;
     let mut c = redis_conn(&redis.url()).await;
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory")
-        .arg("1")
-        .query_async(&mut c)
-        .await
-        .expect("config set");
+    set_maxmemory(&mut c, "1").await;
     v.send(json!({"type":"add_to_cart","req":"x","room":"oom","sku":"s","qty":2}))
         .await;
     let r = v.reply_to("x").await;
@@ -850,13 +854,7 @@ async fn a_refused_transaction_is_undone_at_once(unix: bool) {
     // Known not written: undone before the reply, not left to a probe.
     let counts = gw.app.inventory.counts("s").expect("product");
     assert_eq!((counts.available, counts.reserved), (10, 0), "{counts:?}");
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory")
-        .arg("0")
-        .query_async(&mut c)
-        .await
-        .expect("config set");
+    set_maxmemory(&mut c, "0").await;
     v.send(json!({"type":"add_to_cart","req":"x","room":"oom","sku":"s","qty":2}))
         .await;
     let r = v.reply_to("x").await;
