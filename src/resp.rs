@@ -378,15 +378,26 @@ pub(crate) fn skim(c: &mut Cursor<'_>, depth: usize) -> Step<()> {
     }
 }
 
-/// A reply that is one line: `-ERR ...` is a server error, anything else goes to `f`.
-fn one_line<T>(b: &[u8], f: impl Fn(&[u8]) -> Parsed<T>) -> Parsed<T> {
-    let mut c = Cursor::new(b);
-    match c.line() {
+/// A reply that is a server error (`-ERR ...`), as a parse; `None` for any other reply.
+pub(crate) fn server_error<T>(b: &[u8]) -> Option<Parsed<T>> {
+    if b.first() != Some(&b'-') {
+        return None;
+    }
+    Some(match Cursor::new(b).line() {
+        Ok(l) => Parsed::ServerError(String::from_utf8_lossy(&l[1..]).into_owned()),
         Err(None) => Parsed::Incomplete,
         Err(Some(why)) => Parsed::Bad(why),
-        Ok(l) if l.first() == Some(&b'-') => {
-            Parsed::ServerError(String::from_utf8_lossy(&l[1..]).into_owned())
-        }
+    })
+}
+
+/// A reply that is one line: `-ERR ...` is a server error, anything else goes to `f`.
+fn one_line<T>(b: &[u8], f: impl Fn(&[u8]) -> Parsed<T>) -> Parsed<T> {
+    if let Some(e) = server_error(b) {
+        return e;
+    }
+    match Cursor::new(b).line() {
+        Err(None) => Parsed::Incomplete,
+        Err(Some(why)) => Parsed::Bad(why),
         Ok(l) => f(l),
     }
 }

@@ -67,13 +67,8 @@ impl RawReader {
 /// An `XREADGROUP` reply (RESP2): nil (the block timed out) or
 /// `[[stream, [[id, [field, value, ...] | nil], ...]], ...]`.
 fn parse_read_reply(b: &[u8]) -> Parsed<Vec<Entry>> {
-    if b.first() == Some(&b'-') {
-        let mut c = Cursor::new(b);
-        return match c.line() {
-            Ok(l) => Parsed::ServerError(String::from_utf8_lossy(&l[1..]).into_owned()),
-            Err(None) => Parsed::Incomplete,
-            Err(Some(why)) => Parsed::Bad(why),
-        };
+    if let Some(e) = crate::resp::server_error(b) {
+        return e;
     }
     Parsed::from_step(walk(&mut Cursor::new(b)))
 }
