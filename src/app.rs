@@ -112,6 +112,7 @@ impl App {
             cfg.limits.commit_queue,
             cfg.limits.commit_batch,
             cfg.limits.commit_timeout,
+            cfg.limits.redis_stall,
         )
         .await?;
         let (audience, audience_rx) = mpsc::channel(AUDIENCE_QUEUE);

@@ -129,19 +129,20 @@ pub struct Committer {
 
 impl Committer {
     /// Starts the committer task on `client`'s Redis: over a connection of its own when the
-    /// client's address is plain TCP (made when first needed), else over a redis-rs
-    /// `ConnectionManager` with `manager_cfg` (made now). `queue` bounds the changes
-    /// waiting, `batch` the changes per round trip, `timeout` how long a change may wait in
-    /// all.
+    /// client's address is plain TCP (made when first needed, and given up for a fresh one
+    /// once it has owed replies for `stall`), else over a redis-rs `ConnectionManager` with
+    /// `manager_cfg` (made now). `queue` bounds the changes waiting, `batch` the changes per
+    /// round trip, `timeout` how long a change may wait in all.
     pub async fn start(
         client: &redis::Client,
         manager_cfg: redis::aio::ConnectionManagerConfig,
         queue: usize,
         batch: usize,
         timeout: Duration,
+        stall: Duration,
     ) -> redis::RedisResult<(Committer, tokio::task::JoinHandle<()>)> {
         let conn = match RawConn::for_client(client) {
-            Some(raw) => Transport::Raw(raw, Vec::new()),
+            Some(raw) => Transport::Raw(Box::new(raw.with_stall_limit(stall)), Vec::new()),
             None => Transport::Managed(
                 ConnectionManager::new_with_config(client.clone(), manager_cfg).await?,
             ),
@@ -215,7 +216,7 @@ impl Committer {
 enum Transport {
     /// Its own TCP connection, transactions written and read by hand (plain TCP URLs),
     /// and the request buffer, kept between batches so its memory is reused.
-    Raw(RawConn, Vec<u8>),
+    Raw(Box<RawConn>, Vec<u8>),
     /// redis-rs (TLS and Unix-socket URLs).
     Managed(ConnectionManager),
 }

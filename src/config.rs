@@ -70,6 +70,9 @@ pub struct Limits {
     pub max_products_per_room: usize,
     /// Longest time a durable write may take before the request gets `unavailable`.
     pub commit_timeout: Duration,
+    /// How long the committer's connection may owe Redis's replies before it is fenced
+    /// off (`CLIENT KILL`) and replaced by a fresh one.
+    pub redis_stall: Duration,
     /// Changes waiting for the committer; over it the request gets `unavailable`.
     pub commit_queue: usize,
     /// Largest group commit (changes in one Redis round trip).
@@ -233,6 +236,7 @@ impl Config {
             max_bad_frames: r.num("LIVEGATE_MAX_BAD_FRAMES", 10, 1, 1_000_000),
             max_products_per_room: r.num("LIVEGATE_MAX_PRODUCTS_PER_ROOM", 200, 1, 100_000),
             commit_timeout: r.millis("LIVEGATE_COMMIT_TIMEOUT_MS", 5_000, 10, 600_000),
+            redis_stall: r.millis("LIVEGATE_REDIS_STALL_MS", 10_000, 100, 3_600_000),
             commit_queue: r.num("LIVEGATE_COMMIT_QUEUE", 65_536, 16, 1 << 24),
             commit_batch: r.num("LIVEGATE_COMMIT_BATCH", 1024, 1, 1 << 20),
             inventory_shards: r.num("LIVEGATE_INVENTORY_SHARDS", 64, 1, 4096),

@@ -38,6 +38,7 @@ pub const EXPIRED: &str = "livegate_reservations_expired_total";
 pub const ORDERS_ACCEPTED: &str = "livegate_orders_accepted_total";
 pub const CONFIRMATIONS_SENT: &str = "livegate_order_confirmations_sent_total";
 pub const REDIS_UP: &str = "livegate_redis_up";
+pub const REDIS_STALLED_REPLACED: &str = "livegate_redis_stalled_connections_replaced_total";
 pub const UNKNOWN_SETTLED: &str = "livegate_unknown_outcomes_settled_total";
 pub const AUDIENCE_DROPPED: &str = "livegate_audience_writes_dropped_total";
 
@@ -142,6 +143,10 @@ fn describe() {
         "Writes with an unknown outcome, settled once Redis answered (landed yes/no)"
     );
     describe_gauge!(REDIS_UP, "1 when the last Redis round trip succeeded");
+    describe_counter!(
+        REDIS_STALLED_REPLACED,
+        "Committer connections to Redis given up after owing replies past LIVEGATE_REDIS_STALL_MS (fenced off with CLIENT KILL, then replaced)"
+    );
     describe_counter!(
         AUDIENCE_DROPPED,
         "Audience figure writes dropped (queue full or Redis down)"

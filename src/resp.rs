@@ -10,15 +10,22 @@
 //! requests on one connection are answered, and executed by Redis, strictly in order (a
 //! probe sent after a timed-out write is run after that write, if the write runs at all).
 //! It does not reconnect by itself (a caller resets it after an I/O or parse error and
-//! connects again when it next needs it) and knows nothing of what the commands mean. It
+//! connects again when it next needs it) and knows nothing of what the commands mean. A
+//! connection given up while it may still carry a request Redis could run later (one that
+//! owes replies) is *fenced* before its successor sends anything: the successor's first
+//! command is `CLIENT KILL ID` of the old connection, so the order "a probe runs after the
+//! write it asks about" holds across connections too. That lets a caller give up on a
+//! connection stalled past a limit (a peer gone silent, a Redis that stopped answering)
+//! instead of waiting for the kernel to notice. It
 //! must not panic on any bytes: lengths and counts are checked, never trusted for
 //! allocation, and nesting is bounded; a malformed reply is a `Parse` error, after which
 //! the caller drops the connection. Other URLs (TLS, Unix sockets) are not handled here:
 //! `RawConn::for_client` answers `None` and the callers stay on redis-rs.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::{ConnectionAddr, ErrorKind, RedisError, RedisResult};
+use socket2::{SockRef, TcpKeepalive};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -29,6 +36,14 @@ use tokio::{
 const MAX_REPLY_BYTES: usize = 256 << 20;
 /// How long connecting (and logging in) may take.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// TCP keepalive: idle time before the first probe, and between probes. Keeps NAT and
+/// firewall state alive through the quiet hours before a sale, and lets the kernel notice a
+/// peer that vanished while the connection was idle.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// A client id no Redis hands out (ids count up from 1): `CLIENT KILL ID` of it answers
+/// `0` where the command is allowed, which is how a connection learns it can fence.
+const NO_SUCH_CLIENT: &[u8] = b"9223372036854775807";
 
 /// Where and how to connect (taken from a redis-rs client), and the connection once made.
 #[derive(Debug)]
@@ -48,6 +63,18 @@ pub(crate) struct RawConn {
     /// Requests whose writing has begun, ever (so a caller can tell whether its request
     /// went out before it stopped waiting).
     sent: u64,
+    /// When the replies now owed were first owed.
+    owed_since: Option<Instant>,
+    /// Give up on a connection that has owed replies this long (`None`: wait for them, as
+    /// long as the kernel keeps the connection).
+    stall_limit: Option<Duration>,
+    /// The connection's id in Redis (`CLIENT ID`), when Redis told it and lets this user
+    /// end connections (`CLIENT KILL`): only then can it be fenced once given up.
+    fence_id: Option<i64>,
+    /// A connection given up while it owed replies: ended by `CLIENT KILL ID` on the next
+    /// connection before that one sends anything. At most one: a connection is only used
+    /// once the fence before it is done.
+    unfenced: Option<i64>,
 }
 
 impl RawConn {
@@ -69,7 +96,19 @@ impl RawConn {
             owed: 0,
             writing: false,
             sent: 0,
+            owed_since: None,
+            stall_limit: None,
+            fence_id: None,
+            unfenced: None,
         })
+    }
+
+    /// Gives up on a connection that has owed replies for `limit` (checked when it is next
+    /// needed), fencing it off before its successor is used. Without a limit a connection
+    /// waits for what it is owed as long as the kernel keeps it open.
+    pub(crate) fn with_stall_limit(mut self, limit: Duration) -> RawConn {
+        self.stall_limit = Some(limit);
+        self
     }
 
     /// Requests whose writing has begun so far (see [`RawConn::exchange`]).
@@ -77,12 +116,30 @@ impl RawConn {
         self.sent
     }
 
-    /// Forgets the connection (after an I/O or parse error: its state is unknown).
+    /// Forgets the connection (after an I/O or parse error: its state is unknown). If it
+    /// may still carry a request Redis has not run, the next connection fences it first.
     pub(crate) fn reset(&mut self) {
+        if self.conn.is_some() && (self.owed > 0 || self.writing) {
+            if let Some(id) = self.fence_id {
+                self.unfenced = Some(id);
+            }
+        }
         self.conn = None;
         self.buf = Vec::new();
         self.owed = 0;
+        self.owed_since = None;
         self.writing = false;
+        self.fence_id = None;
+    }
+
+    /// Whether the connection has owed replies past the stall limit and can be fenced.
+    fn stalled(&self) -> bool {
+        self.owed > 0
+            && self.fence_id.is_some()
+            && self
+                .stall_limit
+                .zip(self.owed_since)
+                .is_some_and(|(limit, since)| since.elapsed() >= limit)
     }
 
     /// Connects and logs in, within `CONNECT_TIMEOUT`, unless already connected (a
@@ -93,10 +150,18 @@ impl RawConn {
             // its last command's last byte): dropping the connection loses nothing sent.
             self.reset();
         }
+        if self.stalled() {
+            tracing::warn!(
+                owed = self.owed,
+                "redis has not answered this connection for too long: replacing it"
+            );
+            metrics::counter!(crate::metrics::REDIS_STALLED_REPLACED).increment(1);
+            self.reset();
+        }
         if self.conn.is_some() {
             return Ok(());
         }
-        let conn = match tokio::time::timeout(CONNECT_TIMEOUT, self.connect()).await {
+        let (conn, fence_id) = match tokio::time::timeout(CONNECT_TIMEOUT, self.connect()).await {
             Ok(conn) => conn?,
             Err(_) => {
                 return Err(RedisError::from(std::io::Error::new(
@@ -106,6 +171,8 @@ impl RawConn {
             }
         };
         self.conn = Some(conn);
+        self.fence_id = fence_id;
+        self.unfenced = None;
         Ok(())
     }
 
@@ -127,6 +194,7 @@ impl RawConn {
         if self.owed > 0 {
             read_reply(conn, &mut self.buf, |b| skim_replies(b, self.owed)).await?;
             self.owed = 0;
+            self.owed_since = None;
         }
         self.buf.clear();
         self.sent += 1;
@@ -134,10 +202,12 @@ impl RawConn {
         conn.write_all(request).await?;
         self.writing = false;
         self.owed = replies;
+        self.owed_since = Some(Instant::now());
         let r = read_reply(conn, &mut self.buf, parse).await;
         if r.is_ok() || r.as_ref().is_err_and(|e| e.kind() == ErrorKind::Extension) {
             // Answered in full (a server error is a whole reply too).
             self.owed = 0;
+            self.owed_since = None;
         }
         // Give back a buffer grown by an unusually large reply.
         if self.buf.capacity() > 4 << 20 && self.owed == 0 {
@@ -146,9 +216,16 @@ impl RawConn {
         r
     }
 
-    async fn connect(&self) -> RedisResult<TcpStream> {
+    /// Connects, logs in, and fences off the connection given up before (if any). Returns
+    /// the connection and, when it has a stall limit and Redis allows it, its id for a
+    /// later fence.
+    async fn connect(&self) -> RedisResult<(TcpStream, Option<i64>)> {
         let mut conn = TcpStream::connect((self.host.as_str(), self.port)).await?;
         conn.set_nodelay(true)?;
+        let keepalive = TcpKeepalive::new()
+            .with_time(KEEPALIVE_IDLE)
+            .with_interval(KEEPALIVE_INTERVAL);
+        SockRef::from(&conn).set_tcp_keepalive(&keepalive)?;
         let mut buf = Vec::new();
         if let Some(password) = &self.password {
             let mut args: Vec<&[u8]> = vec![b"AUTH"];
@@ -156,17 +233,77 @@ impl RawConn {
                 args.push(user.as_bytes());
             }
             args.push(password.as_bytes());
-            conn.write_all(&encode(&args)).await?;
-            read_reply(&mut conn, &mut buf, parse_ok).await?;
+            call(&mut conn, &mut buf, &args, parse_ok).await?;
         }
         if self.db != 0 {
             let db = self.db.to_string();
-            conn.write_all(&encode(&[b"SELECT", db.as_bytes()])).await?;
-            buf.clear();
-            read_reply(&mut conn, &mut buf, parse_ok).await?;
+            call(&mut conn, &mut buf, &[b"SELECT", db.as_bytes()], parse_ok).await?;
         }
-        Ok(conn)
+        if let Some(old) = self.unfenced {
+            // Nothing goes out on this connection before the old one can run nothing more:
+            // Redis either ran what the old one carried already (the probes that follow
+            // see it) or drops it with the connection. 0 (already gone) is as good as 1.
+            let old = old.to_string();
+            let killed = call(
+                &mut conn,
+                &mut buf,
+                &[b"CLIENT", b"KILL", b"ID", old.as_bytes()],
+                parse_int,
+            )
+            .await?;
+            tracing::info!(
+                client = %old,
+                killed,
+                "fenced off the redis connection given up before"
+            );
+        }
+        let fence_id = if self.stall_limit.is_some() {
+            self.fence_id_of(&mut conn, &mut buf).await?
+        } else {
+            None
+        };
+        Ok((conn, fence_id))
     }
+
+    /// This connection's id, if Redis tells it and lets this user end connections (checked
+    /// by ending one that cannot exist); `None` otherwise, and a stalled connection is
+    /// then waited for rather than replaced.
+    async fn fence_id_of(
+        &self,
+        conn: &mut TcpStream,
+        buf: &mut Vec<u8>,
+    ) -> RedisResult<Option<i64>> {
+        let refused = |e: &RedisError| e.kind() == ErrorKind::Extension;
+        let id = match call(conn, buf, &[b"CLIENT", b"ID"], parse_int).await {
+            Ok(id) => id,
+            Err(e) if refused(&e) => {
+                tracing::warn!(error = %e, "CLIENT ID refused: a stalled redis connection will be waited for, not replaced");
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        let check = [b"CLIENT".as_slice(), b"KILL", b"ID", NO_SUCH_CLIENT];
+        match call(conn, buf, &check, parse_int).await {
+            Ok(_) => Ok(Some(id)),
+            Err(e) if refused(&e) => {
+                tracing::warn!(error = %e, "CLIENT KILL refused: a stalled redis connection will be waited for, not replaced");
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Sends one command and reads its reply (for the login, not the hot path).
+async fn call<T>(
+    conn: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    args: &[&[u8]],
+    parse: impl Fn(&[u8]) -> Parsed<T>,
+) -> RedisResult<T> {
+    conn.write_all(&encode(args)).await?;
+    buf.clear();
+    read_reply(conn, buf, parse).await
 }
 
 /// Reads into `buf` (kept between replies, so its memory is reused) until `parse` finds

@@ -825,6 +825,150 @@ async fn a_late_transaction_is_settled_by_a_probe_that_runs_after_it() {
     );
 }
 
+/// A Redis connection that stops answering (its bytes held back by a proxy for 6 s, the way
+/// a silently dead peer or a partition looks) is given up after `LIVEGATE_REDIS_STALL_MS`,
+/// and carts are served again over a fresh connection while the old one is still stuck.
+/// The old connection is fenced off in Redis first (`CLIENT KILL ID`), so the transaction
+/// it held back can never run later: when the hold ends, Redis holds exactly the
+/// reservations memory counts, and the cart whose outcome was unknown was settled as not
+/// landed. Without the fence the held transaction runs when the hold ends, after its probe
+/// said it had not: one reservation more in Redis than in memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_redis_connection_is_fenced_off_and_replaced() {
+    let redis = RedisServer::start();
+    let proxy = HoldingProxy::start(redis.port()).await;
+    let prefix = unique_prefix();
+    let gw = Gateway::start_with(
+        &proxy.url(),
+        &[
+            ("LIVEGATE_KEY_PREFIX", prefix.as_str()),
+            ("LIVEGATE_COMMIT_TIMEOUT_MS", "300"),
+            ("LIVEGATE_REDIS_STALL_MS", "1000"),
+        ],
+    )
+    .await;
+    let _anchor = room_with_product(&gw, "stall", "s", 10).await;
+    let mut v = gw.viewer("stall-buyer").await;
+    v.send(json!({"type":"add_to_cart","req":"first","room":"stall","sku":"s","qty":1}))
+        .await;
+    let first = v.reply_to("first").await;
+    assert_eq!(first["type"], "reserved", "{first}");
+
+    let hold = Duration::from_secs(6);
+    let held_at = std::time::Instant::now();
+    proxy.hold_existing(hold);
+    v.send(json!({"type":"add_to_cart","req":"stuck","room":"stall","sku":"s","qty":1}))
+        .await;
+    let stuck = v.reply_to("stuck").await;
+    assert_eq!(stuck["type"], "error", "{stuck}");
+    assert_eq!(stuck["code"], "unavailable", "{stuck}");
+
+    // Served again well before the hold ends.
+    let mut served = None;
+    for i in 0..40 {
+        let req = format!("after-{i}");
+        v.send(json!({"type":"add_to_cart","req":req,"room":"stall","sku":"s","qty":1}))
+            .await;
+        let r = v.reply_to(&req).await;
+        if r["type"] == "reserved" {
+            served = Some(held_at.elapsed());
+            break;
+        }
+        assert_eq!(r["code"], "unavailable", "{r}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let served = served.expect("carts were never served again while the old connection hung");
+    assert!(
+        served < hold,
+        "served again only after {served:?}, when the hold had ended"
+    );
+
+    // The hold ends; what the old connection held back reaches a connection Redis has
+    // closed. Memory and Redis agree, and stay so.
+    tokio::time::sleep(hold.saturating_sub(held_at.elapsed()) + Duration::from_millis(1500)).await;
+    let mut c = redis_conn(&redis.url()).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let counts = gw.app.inventory.counts("s").expect("product");
+        let held: HashMap<String, String> = c
+            .hgetall(format!("{prefix}:reservations"))
+            .await
+            .expect("hgetall");
+        if held.len() as u64 == counts.reserved && counts.reserved + counts.available == 10 {
+            assert_eq!(
+                counts.reserved, 2,
+                "first and the one served after: {counts:?}"
+            );
+            assert!(
+                held.values().all(|r| !r.contains("\"stuck\"")),
+                "the held-back cart ran after all: {held:?}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "memory {counts:?} against {} reservations in redis",
+            held.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        stream_entries(&redis.url(), &prefix, "reserved")
+            .await
+            .len(),
+        2
+    );
+    // Counted (the recorder is shared by the tests of this process: at least this one).
+    let text = livegate::metrics::install()
+        .expect("the tests' recorder")
+        .render();
+    let replaced = text
+        .lines()
+        .find_map(|l| l.strip_prefix("livegate_redis_stalled_connections_replaced_total "))
+        .and_then(|n| n.trim().parse::<f64>().ok());
+    assert!(replaced.is_some_and(|n| n >= 1.0), "metric: {replaced:?}");
+}
+
+/// A Redis user not allowed `CLIENT KILL` (a common ACL for applications) still commits:
+/// the committer's connection then cannot be fenced, so it is waited for when it stalls
+/// rather than replaced, and everything else works as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_user_without_client_kill_still_commits() {
+    let redis = RedisServer::start();
+    let mut admin = redis_conn(&redis.url()).await;
+    let _: () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER",
+            "gw",
+            "on",
+            ">pw",
+            "~*",
+            "&*",
+            "+@all",
+            "-client|kill",
+        ])
+        .query_async(&mut admin)
+        .await
+        .expect("acl setuser");
+    let url = format!("redis://gw:pw@127.0.0.1:{}/", redis.port());
+    let prefix = unique_prefix();
+    let gw = Gateway::start_with(&url, &[("LIVEGATE_KEY_PREFIX", prefix.as_str())]).await;
+    let _anchor = room_with_product(&gw, "acl", "s", 10).await;
+    let mut v = gw.viewer("acl-buyer").await;
+    for req in ["a", "b"] {
+        v.send(json!({"type":"add_to_cart","req":req,"room":"acl","sku":"s","qty":1}))
+            .await;
+        let r = v.reply_to(req).await;
+        assert_eq!(r["type"], "reserved", "{r}");
+    }
+    assert_eq!(
+        stream_entries(&redis.url(), &prefix, "reserved")
+            .await
+            .len(),
+        2
+    );
+}
+
 async fn set_maxmemory(c: &mut redis::aio::MultiplexedConnection, bytes: &str) {
     let _: () = redis::cmd("CONFIG")
         .arg("SET")
