@@ -88,7 +88,7 @@ impl App {
             .clone()
             .ok_or_else(|| StartError::Config("LIVEGATE_JWT_SECRET is not set".to_string()))?;
         let keys = Keys::new(&cfg.key_prefix);
-        let client = redis::Client::open(cfg.redis_url.as_str())?;
+        let client = crate::resp::client(cfg.redis_url.as_str())?;
         let manager_cfg = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(cfg.limits.commit_timeout))

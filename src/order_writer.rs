@@ -99,7 +99,7 @@ pub enum OrderWriterError {
 /// order store (`cfg.order_store`, retrying while it is unreachable) and consumes
 /// `cfg.redis_url`. Fails only on a configuration problem (bad URL, failed migration).
 pub async fn run(cfg: &Config, shutdown: impl Future<Output = ()>) -> Result<(), OrderWriterError> {
-    let client = redis::Client::open(cfg.redis_url.as_str())?;
+    let client = crate::resp::client(cfg.redis_url.as_str())?;
     tokio::pin!(shutdown);
     let mut backoff = Backoff::new();
     let store = loop {

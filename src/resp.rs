@@ -10,13 +10,18 @@
 //! requests on one connection are answered, and executed by Redis, strictly in order (a
 //! probe sent after a timed-out write is run after that write, if the write runs at all).
 //! It does not reconnect by itself (a caller resets it after an I/O or parse error and
-//! connects again when it next needs it) and knows nothing of what the commands mean. A
-//! connection given up while it may still carry a request Redis could run later (one that
-//! owes replies) is *fenced* before its successor sends anything: the successor's first
-//! command is `CLIENT KILL ID` of the old connection, so the order "a probe runs after the
-//! write it asks about" holds across connections too. That lets a caller give up on a
-//! connection stalled past a limit (a peer gone silent, a Redis that stopped answering)
-//! instead of waiting for the kernel to notice. It
+//! connects again when it next needs it) and knows nothing of what the commands mean. With
+//! a stall limit (the committer's), a connection learns at connect who it is in Redis
+//! (`INFO` run_id, `CLIENT INFO` id and address) and whether it may end connections; given
+//! up while it may still carry a request Redis could run later (one that owes replies), it
+//! is then *fenced* before its successor sends anything: the successor's first command is
+//! `CLIENT KILL ID .. ADDR ..` of the old connection, or nothing when Redis has restarted
+//! since (a new run_id: the old connection died with the old process). So the order "a probe
+//! runs after the write it asks about" holds across connections too, which lets the caller
+//! give up on a connection stalled past the limit (a connection or network path gone silent)
+//! instead of waiting for the kernel to notice. A connection that could not learn this
+//! (no limit, or no permission) is dropped unfenced after an error, and waited for, not
+//! replaced, when it stalls. It
 //! must not panic on any bytes: lengths and counts are checked, never trusted for
 //! allocation, and nesting is bounded; a malformed reply is a `Parse` error, after which
 //! the caller drops the connection. Other URLs (TLS, Unix sockets) are not handled here:
@@ -68,13 +73,23 @@ pub(crate) struct RawConn {
     /// Give up on a connection that has owed replies this long (`None`: wait for them, as
     /// long as the kernel keeps the connection).
     stall_limit: Option<Duration>,
-    /// The connection's id in Redis (`CLIENT ID`), when Redis told it and lets this user
-    /// end connections (`CLIENT KILL`): only then can it be fenced once given up.
-    fence_id: Option<i64>,
-    /// A connection given up while it owed replies: ended by `CLIENT KILL ID` on the next
+    /// Who this connection is in Redis, when Redis told it and lets this user end
+    /// connections (`CLIENT KILL`): only then can it be fenced once given up.
+    fence_id: Option<Fence>,
+    /// A connection given up while it owed replies: ended by `CLIENT KILL` on the next
     /// connection before that one sends anything. At most one: a connection is only used
     /// once the fence before it is done.
-    unfenced: Option<i64>,
+    unfenced: Option<Fence>,
+}
+
+/// A connection as Redis knows it: the server process (`run_id`, so a fence after a
+/// restart, where ids start again from 1, ends nobody) and the connection's id and
+/// address there (both must match, so the kill can only end that one connection).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Fence {
+    run_id: String,
+    id: String,
+    addr: String,
 }
 
 impl RawConn {
@@ -120,8 +135,8 @@ impl RawConn {
     /// may still carry a request Redis has not run, the next connection fences it first.
     pub(crate) fn reset(&mut self) {
         if self.conn.is_some() && (self.owed > 0 || self.writing) {
-            if let Some(id) = self.fence_id {
-                self.unfenced = Some(id);
+            if let Some(f) = self.fence_id.take() {
+                self.unfenced = Some(f);
             }
         }
         self.conn = None;
@@ -217,15 +232,12 @@ impl RawConn {
     }
 
     /// Connects, logs in, and fences off the connection given up before (if any). Returns
-    /// the connection and, when it has a stall limit and Redis allows it, its id for a
-    /// later fence.
-    async fn connect(&self) -> RedisResult<(TcpStream, Option<i64>)> {
+    /// the connection and, when it has a stall limit and Redis allows it, who it is in
+    /// Redis, for a later fence.
+    async fn connect(&self) -> RedisResult<(TcpStream, Option<Fence>)> {
         let mut conn = TcpStream::connect((self.host.as_str(), self.port)).await?;
         conn.set_nodelay(true)?;
-        let keepalive = TcpKeepalive::new()
-            .with_time(KEEPALIVE_IDLE)
-            .with_interval(KEEPALIVE_INTERVAL);
-        SockRef::from(&conn).set_tcp_keepalive(&keepalive)?;
+        SockRef::from(&conn).set_tcp_keepalive(&keepalive())?;
         let mut buf = Vec::new();
         if let Some(password) = &self.password {
             let mut args: Vec<&[u8]> = vec![b"AUTH"];
@@ -239,59 +251,140 @@ impl RawConn {
             let db = self.db.to_string();
             call(&mut conn, &mut buf, &[b"SELECT", db.as_bytes()], parse_ok).await?;
         }
-        if let Some(old) = self.unfenced {
+        if self.stall_limit.is_none() && self.unfenced.is_none() {
+            return Ok((conn, None));
+        }
+        // Any error here fails the connect (retried when next needed): with a fence owed,
+        // nothing may go out before it; without one, a connection that cannot learn who it
+        // is would be waited for, not replaced, for its whole life.
+        let info = call(&mut conn, &mut buf, &[b"INFO", b"server"], parse_text).await;
+        let run_id = match info {
+            Ok(text) => field(&text, "run_id:", '\n').map(str::to_string),
+            Err(e) if !refused(&e) => return Err(e),
+            Err(_) => None,
+        };
+        if let Some(old) = &self.unfenced {
             // Nothing goes out on this connection before the old one can run nothing more:
             // Redis either ran what the old one carried already (the probes that follow
             // see it) or drops it with the connection. 0 (already gone) is as good as 1.
-            let old = old.to_string();
-            let killed = call(
-                &mut conn,
-                &mut buf,
-                &[b"CLIENT", b"KILL", b"ID", old.as_bytes()],
-                parse_int,
-            )
-            .await?;
-            tracing::info!(
-                client = %old,
-                killed,
-                "fenced off the redis connection given up before"
-            );
+            match run_id.as_deref() {
+                Some(now) if now == old.run_id => {
+                    let kill = [
+                        b"CLIENT".as_slice(),
+                        b"KILL",
+                        b"ID",
+                        old.id.as_bytes(),
+                        b"ADDR",
+                        old.addr.as_bytes(),
+                    ];
+                    let killed = call(&mut conn, &mut buf, &kill, parse_int).await?;
+                    tracing::info!(
+                        client = %old.id,
+                        killed,
+                        "fenced off the redis connection given up before"
+                    );
+                }
+                Some(_) => tracing::info!(
+                    client = %old.id,
+                    "redis restarted since the connection was given up: it ended with it"
+                ),
+                None => {
+                    return Err(RedisError::from((
+                        ErrorKind::Client,
+                        "cannot tell whether redis restarted (INFO refused); not fencing blind",
+                    )))
+                }
+            }
         }
-        let fence_id = if self.stall_limit.is_some() {
-            self.fence_id_of(&mut conn, &mut buf).await?
-        } else {
-            None
+        let fence = match (self.stall_limit, run_id) {
+            (Some(_), Some(run_id)) => self.fence_of(&mut conn, &mut buf, run_id).await?,
+            (Some(_), None) => {
+                tracing::warn!(
+                    "INFO refused: a stalled redis connection will be waited for, not replaced"
+                );
+                None
+            }
+            (None, _) => None,
         };
-        Ok((conn, fence_id))
+        Ok((conn, fence))
     }
 
-    /// This connection's id, if Redis tells it and lets this user end connections (checked
-    /// by ending one that cannot exist); `None` otherwise, and a stalled connection is
-    /// then waited for rather than replaced.
-    async fn fence_id_of(
+    /// Who this connection is in Redis, if Redis tells it and lets this user end
+    /// connections (checked by ending one that cannot exist); `None` when not allowed, and
+    /// a stalled connection is then waited for rather than replaced. Other errors fail.
+    async fn fence_of(
         &self,
         conn: &mut TcpStream,
         buf: &mut Vec<u8>,
-    ) -> RedisResult<Option<i64>> {
-        let refused = |e: &RedisError| e.kind() == ErrorKind::Extension;
-        let id = match call(conn, buf, &[b"CLIENT", b"ID"], parse_int).await {
-            Ok(id) => id,
+        run_id: String,
+    ) -> RedisResult<Option<Fence>> {
+        let not_allowed = |e: &RedisError| {
+            tracing::warn!(error = %e, "CLIENT INFO or CLIENT KILL not allowed: a stalled redis connection will be waited for, not replaced");
+        };
+        let me = match call(conn, buf, &[b"CLIENT", b"INFO"], parse_text).await {
+            Ok(text) => text,
             Err(e) if refused(&e) => {
-                tracing::warn!(error = %e, "CLIENT ID refused: a stalled redis connection will be waited for, not replaced");
+                not_allowed(&e);
                 return Ok(None);
             }
             Err(e) => return Err(e),
         };
+        let (Some(id), Some(addr)) = (field(&me, "id=", ' '), field(&me, "addr=", ' ')) else {
+            return Err(RedisError::from((
+                ErrorKind::Parse,
+                "CLIENT INFO without id= and addr=",
+            )));
+        };
+        let fence = Fence {
+            run_id,
+            id: id.to_string(),
+            addr: addr.to_string(),
+        };
         let check = [b"CLIENT".as_slice(), b"KILL", b"ID", NO_SUCH_CLIENT];
         match call(conn, buf, &check, parse_int).await {
-            Ok(_) => Ok(Some(id)),
+            Ok(_) => Ok(Some(fence)),
             Err(e) if refused(&e) => {
-                tracing::warn!(error = %e, "CLIENT KILL refused: a stalled redis connection will be waited for, not replaced");
+                not_allowed(&e);
                 Ok(None)
             }
             Err(e) => Err(e),
         }
     }
+}
+
+/// TCP keepalive for livegate's connections to Redis.
+pub(crate) fn keepalive() -> TcpKeepalive {
+    TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+}
+
+/// A redis-rs client for `url` whose TCP connections send keepalives (redis-rs sends none
+/// by default).
+pub(crate) fn client(url: &str) -> RedisResult<redis::Client> {
+    use redis::IntoConnectionInfo;
+    let info = url.into_connection_info()?;
+    let tcp = info.tcp_settings().clone().set_keepalive(keepalive());
+    redis::Client::open(info.set_tcp_settings(tcp))
+}
+
+/// Whether Redis refused a command for good (no permission, or a command this server does
+/// not have), as opposed to a passing error such as `BUSY` or `LOADING`.
+fn refused(e: &RedisError) -> bool {
+    e.kind() == ErrorKind::Extension
+        && e.detail().is_some_and(|d| {
+            d.starts_with("NOPERM")
+                || d.contains("unknown command")
+                || d.contains("unknown subcommand")
+        })
+}
+
+/// The value after `key` in `text`, up to `end` (a `key:value` line of INFO, a `key=value`
+/// word of CLIENT INFO).
+fn field<'a>(text: &'a str, key: &str, end: char) -> Option<&'a str> {
+    text.split(['\n', end])
+        .find_map(|part| part.trim().strip_prefix(key))
+        .filter(|v| !v.is_empty())
 }
 
 /// Sends one command and reads its reply (for the login, not the hot path).
@@ -565,6 +658,18 @@ pub(crate) fn parse_ok(b: &[u8]) -> Parsed<()> {
 }
 
 /// `:<n>` (HEXISTS and the like).
+/// A bulk or simple string reply, as text.
+pub(crate) fn parse_text(b: &[u8]) -> Parsed<String> {
+    if let Some(e) = server_error(b) {
+        return e;
+    }
+    Parsed::from_step(
+        Cursor::new(b)
+            .bulk()
+            .map(|t| String::from_utf8_lossy(t).into_owned()),
+    )
+}
+
 pub(crate) fn parse_int(b: &[u8]) -> Parsed<i64> {
     one_line(b, |l| {
         match l
@@ -584,6 +689,48 @@ pub(crate) fn parse_int(b: &[u8]) -> Parsed<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn who_a_connection_is_reads_from_info_and_client_info() {
+        let info = "# Server\r\nredis_version:7.0.15\r\nrun_id:ab12cd\r\ntcp_port:6379\r\n";
+        assert_eq!(field(info, "run_id:", '\n'), Some("ab12cd"));
+        assert_eq!(field(info, "missing:", '\n'), None);
+        let me = "id=7 addr=127.0.0.1:50000 laddr=127.0.0.1:6379 fd=8 name= age=0\n";
+        assert_eq!(field(me, "id=", ' '), Some("7"));
+        assert_eq!(field(me, "addr=", ' '), Some("127.0.0.1:50000"));
+        // An empty value is no value.
+        assert_eq!(field(me, "name=", ' '), None);
+        assert_eq!(
+            parse_text(b"$6\r\nid=7 a\r\n"),
+            Parsed::Done("id=7 a".to_string())
+        );
+        assert_eq!(parse_text(b"$6\r\nid="), Parsed::Incomplete);
+        assert!(matches!(
+            parse_text(b"-NOPERM no\r\n"),
+            Parsed::ServerError(_)
+        ));
+    }
+
+    #[test]
+    fn only_lasting_refusals_turn_fencing_off() {
+        let server =
+            |msg: &str| RedisError::from((ErrorKind::Extension, "server error", msg.to_string()));
+        assert!(refused(&server(
+            "NOPERM this user has no permissions to run the 'client|kill' command"
+        )));
+        assert!(refused(&server(
+            "ERR unknown subcommand 'INFO'. Try CLIENT HELP."
+        )));
+        assert!(refused(&server("ERR unknown command 'CLIENT'")));
+        assert!(!refused(&server("BUSY Redis is busy running a script.")));
+        assert!(!refused(&server(
+            "LOADING Redis is loading the dataset in memory"
+        )));
+        assert!(!refused(&RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "reset"
+        ))));
+    }
 
     #[test]
     fn one_line_replies() {

@@ -825,68 +825,35 @@ async fn a_late_transaction_is_settled_by_a_probe_that_runs_after_it() {
     );
 }
 
-/// A Redis connection that stops answering (its bytes held back by a proxy for 6 s, the way
-/// a silently dead peer or a partition looks) is given up after `LIVEGATE_REDIS_STALL_MS`,
-/// and carts are served again over a fresh connection while the old one is still stuck.
-/// The old connection is fenced off in Redis first (`CLIENT KILL ID`), so the transaction
-/// it held back can never run later: when the hold ends, Redis holds exactly the
-/// reservations memory counts, and the cart whose outcome was unknown was settled as not
-/// landed. Without the fence the held transaction runs when the hold ends, after its probe
-/// said it had not: one reservation more in Redis than in memory.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_redis_connection_is_fenced_off_and_replaced() {
-    let redis = RedisServer::start();
-    let proxy = HoldingProxy::start(redis.port()).await;
+/// A gateway behind a holding proxy, with a 1 s commit timeout and a 1.5 s stall limit;
+/// `url` is the proxy's (the test holds and releases it).
+async fn stalling_gateway(url: &str, room: &str) -> (Gateway, String, Client) {
     let prefix = unique_prefix();
     let gw = Gateway::start_with(
-        &proxy.url(),
+        url,
         &[
             ("LIVEGATE_KEY_PREFIX", prefix.as_str()),
-            ("LIVEGATE_COMMIT_TIMEOUT_MS", "300"),
-            ("LIVEGATE_REDIS_STALL_MS", "1000"),
+            ("LIVEGATE_COMMIT_TIMEOUT_MS", "1000"),
+            ("LIVEGATE_REDIS_STALL_MS", "1500"),
         ],
     )
     .await;
-    let _anchor = room_with_product(&gw, "stall", "s", 10).await;
+    let _anchor = room_with_product(&gw, room, "s", 10).await;
     let mut v = gw.viewer("stall-buyer").await;
-    v.send(json!({"type":"add_to_cart","req":"first","room":"stall","sku":"s","qty":1}))
-        .await;
-    let first = v.reply_to("first").await;
+    let first = cart(&mut v, room, "first").await;
     assert_eq!(first["type"], "reserved", "{first}");
+    (gw, prefix, v)
+}
 
-    let hold = Duration::from_secs(6);
-    let held_at = std::time::Instant::now();
-    proxy.hold_existing(hold);
-    v.send(json!({"type":"add_to_cart","req":"stuck","room":"stall","sku":"s","qty":1}))
+async fn cart(v: &mut Client, room: &str, req: &str) -> Value {
+    v.send(json!({"type":"add_to_cart","req":req,"room":room,"sku":"s","qty":1}))
         .await;
-    let stuck = v.reply_to("stuck").await;
-    assert_eq!(stuck["type"], "error", "{stuck}");
-    assert_eq!(stuck["code"], "unavailable", "{stuck}");
+    v.reply_to(req).await
+}
 
-    // Served again well before the hold ends.
-    let mut served = None;
-    for i in 0..40 {
-        let req = format!("after-{i}");
-        v.send(json!({"type":"add_to_cart","req":req,"room":"stall","sku":"s","qty":1}))
-            .await;
-        let r = v.reply_to(&req).await;
-        if r["type"] == "reserved" {
-            served = Some(held_at.elapsed());
-            break;
-        }
-        assert_eq!(r["code"], "unavailable", "{r}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let served = served.expect("carts were never served again while the old connection hung");
-    assert!(
-        served < hold,
-        "served again only after {served:?}, when the hold had ended"
-    );
-
-    // The hold ends; what the old connection held back reaches a connection Redis has
-    // closed. Memory and Redis agree, and stay so.
-    tokio::time::sleep(hold.saturating_sub(held_at.elapsed()) + Duration::from_millis(1500)).await;
-    let mut c = redis_conn(&redis.url()).await;
+/// Waits until memory and Redis hold the same reservations of SKU `s`; returns them.
+async fn agreed_reservations(gw: &Gateway, url: &str, prefix: &str) -> HashMap<String, String> {
+    let mut c = redis_conn(url).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let counts = gw.app.inventory.counts("s").expect("product");
@@ -895,15 +862,7 @@ async fn a_stalled_redis_connection_is_fenced_off_and_replaced() {
             .await
             .expect("hgetall");
         if held.len() as u64 == counts.reserved && counts.reserved + counts.available == 10 {
-            assert_eq!(
-                counts.reserved, 2,
-                "first and the one served after: {counts:?}"
-            );
-            assert!(
-                held.values().all(|r| !r.contains("\"stuck\"")),
-                "the held-back cart ran after all: {held:?}"
-            );
-            break;
+            return held;
         }
         assert!(
             std::time::Instant::now() < deadline,
@@ -912,6 +871,64 @@ async fn a_stalled_redis_connection_is_fenced_off_and_replaced() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A Redis connection that stops answering (its bytes held back by a proxy, the way a
+/// silently dead peer or a partition looks) is given up after `LIVEGATE_REDIS_STALL_MS`,
+/// and carts are served again over a fresh connection while the old one is still stuck.
+/// The old connection is fenced off in Redis (`CLIENT KILL`) before the fresh one sends
+/// anything, so the transaction it held back can never run: the held bytes are let go the
+/// moment the cart whose outcome was unknown has been settled as not landed, and Redis
+/// still holds exactly what memory counts. Without the fence (or with a fence sent any
+/// later than the settling probe) the held transaction runs after its probe said it had
+/// not: one reservation more in Redis than in memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_redis_connection_is_fenced_off_and_replaced() {
+    let redis = RedisServer::start();
+    let proxy = HoldingProxy::start(redis.port()).await;
+    let (gw, prefix, mut v) = stalling_gateway(&proxy.url(), "stall").await;
+
+    let held_at = std::time::Instant::now();
+    proxy.hold_existing(Duration::from_secs(120));
+    let stuck = cart(&mut v, "stall", "stuck").await;
+    assert_eq!(stuck["code"], "unavailable", "{stuck}");
+
+    // Served again while the old connection still hangs.
+    let mut served = false;
+    for i in 0..30 {
+        let r = cart(&mut v, "stall", &format!("after-{i}")).await;
+        if r["type"] == "reserved" {
+            served = true;
+            break;
+        }
+        assert_eq!(r["code"], "unavailable", "{r}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        served,
+        "never served again; {:?} since the hold",
+        held_at.elapsed()
+    );
+
+    // The unknown cart is settled (as not landed: its units are back) ...
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while gw.app.inventory.counts("s").expect("product").reserved != 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stuck cart was never settled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ... and only then does what the old connection held back go on, to a connection
+    // Redis has already closed.
+    proxy.release();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let held = agreed_reservations(&gw, &redis.url(), &prefix).await;
+    assert_eq!(held.len(), 2, "first and the one served after: {held:?}");
+    assert!(
+        held.values().all(|r| !r.contains("\"stuck\"")),
+        "the held-back cart ran after all: {held:?}"
+    );
     assert_eq!(
         stream_entries(&redis.url(), &prefix, "reserved")
             .await
@@ -929,11 +946,12 @@ async fn a_stalled_redis_connection_is_fenced_off_and_replaced() {
     assert!(replaced.is_some_and(|n| n >= 1.0), "metric: {replaced:?}");
 }
 
-/// A Redis user not allowed `CLIENT KILL` (a common ACL for applications) still commits:
-/// the committer's connection then cannot be fenced, so it is waited for when it stalls
-/// rather than replaced, and everything else works as before.
+/// A Redis user not allowed `CLIENT KILL` (a common ACL for applications) still commits,
+/// but a stalled connection then cannot be fenced, so it is waited for, not replaced:
+/// carts stay `unavailable` past the stall limit until the held bytes go on; the held
+/// transaction then runs before the probe that settles it, and memory agrees with Redis.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_redis_user_without_client_kill_still_commits() {
+async fn a_redis_user_without_client_kill_waits_for_a_stalled_connection() {
     let redis = RedisServer::start();
     let mut admin = redis_conn(&redis.url()).await;
     let _: () = redis::cmd("ACL")
@@ -950,22 +968,35 @@ async fn a_redis_user_without_client_kill_still_commits() {
         .query_async(&mut admin)
         .await
         .expect("acl setuser");
-    let url = format!("redis://gw:pw@127.0.0.1:{}/", redis.port());
-    let prefix = unique_prefix();
-    let gw = Gateway::start_with(&url, &[("LIVEGATE_KEY_PREFIX", prefix.as_str())]).await;
-    let _anchor = room_with_product(&gw, "acl", "s", 10).await;
-    let mut v = gw.viewer("acl-buyer").await;
-    for req in ["a", "b"] {
-        v.send(json!({"type":"add_to_cart","req":req,"room":"acl","sku":"s","qty":1}))
-            .await;
-        let r = v.reply_to(req).await;
-        assert_eq!(r["type"], "reserved", "{r}");
-    }
+    let proxy = HoldingProxy::start(redis.port()).await;
+    let url = proxy.url().replacen("redis://", "redis://gw:pw@", 1);
+    let (gw, prefix, mut v) = stalling_gateway(&url, "acl").await;
+
+    proxy.hold_existing(Duration::from_secs(120));
+    let stuck = cart(&mut v, "acl", "stuck").await;
+    assert_eq!(stuck["code"], "unavailable", "{stuck}");
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let waiting = cart(&mut v, "acl", "waiting").await;
     assert_eq!(
-        stream_entries(&redis.url(), &prefix, "reserved")
-            .await
-            .len(),
-        2
+        waiting["code"], "unavailable",
+        "served past the stall limit over a connection it could not fence: {waiting}"
+    );
+
+    proxy.release();
+    let mut served = false;
+    for i in 0..30 {
+        let r = cart(&mut v, "acl", &format!("after-{i}")).await;
+        if r["type"] == "reserved" {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(served, "never served again after the hold ended");
+    let held = agreed_reservations(&gw, &redis.url(), &prefix).await;
+    assert!(
+        held.values().any(|r| r.contains("\"stuck\"")),
+        "the held transaction ran, and memory counts it: {held:?}"
     );
 }
 
@@ -1014,4 +1045,33 @@ async fn a_refused_transaction_is_undone_at_once_over_tcp() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_transaction_is_undone_at_once_over_a_unix_socket() {
     a_refused_transaction_is_undone_at_once(true).await;
+}
+
+/// Redis numbers its connections from 1 again after a restart, so the fence owed for a
+/// committer connection that died with the old process must end nobody in the new one
+/// (the fence checks the server's `run_id`, and matches the old connection's address as
+/// well as its id). Twenty other clients connected right after the restart, whose ids
+/// cover the old connection's, all still answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fence_after_a_redis_restart_ends_nobody_else() {
+    let mut redis = RedisServer::start();
+    let (_gw, _prefix, mut v) = stalling_gateway(&redis.url(), "restart").await;
+    redis.restart();
+    let mut others = Vec::new();
+    for _ in 0..20 {
+        others.push(redis_conn(&redis.url()).await);
+    }
+    let mut served = false;
+    for i in 0..50 {
+        if cart(&mut v, "restart", &format!("again-{i}")).await["type"] == "reserved" {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(served, "never served again after the restart");
+    for (i, c) in others.iter_mut().enumerate() {
+        let pong: redis::RedisResult<String> = redis::cmd("PING").query_async(c).await;
+        assert!(pong.is_ok(), "client {i} was killed: {pong:?}");
+    }
 }

@@ -62,6 +62,11 @@ impl HoldingProxy {
         let mut s = self.state.lock().expect("proxy state");
         s.hold = Some((s.next_id, Instant::now() + d));
     }
+
+    /// Ends the hold now: what was held back goes on (within a few milliseconds).
+    pub fn release(&self) {
+        self.state.lock().expect("proxy state").hold = None;
+    }
 }
 
 impl Drop for HoldingProxy {
@@ -91,7 +96,8 @@ async fn pump(id: u64, client: TcpStream, server: TcpStream, state: Arc<Mutex<St
                     }
                 };
                 match wait {
-                    Some(w) => tokio::time::sleep(w).await,
+                    // In short steps, so `release` takes effect at once.
+                    Some(w) => tokio::time::sleep(w.min(Duration::from_millis(10))).await,
                     None => break,
                 }
             }
