@@ -12,6 +12,7 @@ mod cart;
 mod lua_baseline;
 mod viewer;
 
+pub(crate) use cart::ended_idem;
 pub use cart::reservation_record;
 
 use std::{collections::HashMap, future::Future, pin::Pin, sync::Arc, time::Instant};

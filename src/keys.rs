@@ -87,7 +87,7 @@ impl Keys {
         )
     }
 
-    /// Hash of the `add_to_cart` idempotency records written in one bucket of
+    /// Hash of the `add_to_cart` idempotency records of reservations that ended in one bucket of
     /// [`IDEM_BUCKET_MS`]: field (see [`Keys::reserve_idem_field`]) -> `{reservation id}
     /// {sku}`; the whole hash expires at [`idem_bucket_expiry`].
     pub fn reserve_idem_bucket(&self, bucket: u64) -> String {

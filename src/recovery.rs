@@ -79,13 +79,21 @@ pub async fn restore(app: &Arc<App>) -> Result<(), redis::RedisError> {
     let mut bad = 0usize;
     for (id, json) in &records {
         match parse_reservation(id, json) {
-            Some(r) => state.reservations.push(r),
+            Some(r) => {
+                // An active reservation's record is its idempotency record too.
+                state
+                    .idempotency
+                    .push((r.user.clone(), r.req.clone(), r.sku.clone(), r.id, false));
+                state.reservations.push(r);
+            }
             None => bad += 1,
         }
     }
-    // Idempotency records: the buckets `P:idem:reserves:{n}` the core writes, and the
-    // one-key records `P:idem:reserve:{field}` (the Lua baseline, older versions). One scan
-    // finds both; `reserve*` matches both names.
+    // Idempotency records of ended reservations: the buckets `P:idem:reserves:{n}` the
+    // core writes when a reservation ends, and the one-key records
+    // `P:idem:reserve:{field}` (the Lua baseline, older versions). One scan finds both;
+    // `reserve*` matches both names. (Versions before 2026-11-21 also wrote a bucket
+    // record at the reserve; such a record of an active reservation restores as active.)
     let pattern = format!("{}:idem:reserve*", k.prefix());
     let bucket_prefix = format!("{}:idem:reserves:", k.prefix());
     let (mut buckets, mut single_keys) = (Vec::new(), Vec::new());
@@ -282,7 +290,14 @@ pub async fn expiry_sweeper(app: Arc<App>) {
             }
             cmds.push(hdel);
             let ids: Vec<ResId> = due.iter().map(|r| r.id).collect();
-            let result = app.committer.commit(cmds).await;
+            let hash_writes = due
+                .iter()
+                .map(|r| crate::command::ended_idem(&app, r, now))
+                .collect();
+            let result = app
+                .committer
+                .commit_change(crate::commit::Change { cmds, hash_writes })
+                .await;
             let ok = result.is_ok();
             let _ = app.inventory.finish_expire(&ids, ok);
             match result {

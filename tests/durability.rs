@@ -315,19 +315,30 @@ async fn a_restart_restores_rooms_shelves_pins_and_reservations() {
     let rel = v.request(json!({"type":"release","reservation":id})).await;
     assert_eq!(rel["type"], "released");
     assert_eq!(gw2.app.inventory.available("sku"), Some(10));
+    // A second cart, bought.
+    v.send(json!({"type":"add_to_cart","req":"cart-2","room":"room","sku":"sku","qty":1}))
+        .await;
+    let r2 = v.reply_to("cart-2").await;
+    assert_eq!(r2["type"], "reserved", "{r2}");
+    let order = v
+        .request(json!({"type":"checkout","reservations":[r2["reservation"]]}))
+        .await;
+    assert_eq!(order["type"], "order_accepted", "{order}");
     gw2.stop().await;
     drop(gw2);
 
-    // The idempotency record outlives the reservation and the restart: the same req does
-    // not buy a second time, it is told its reservation ended.
+    // The idempotency records outlive the reservations (released, bought) and the
+    // restart: the same req does not buy a second time, it is told its reservation ended.
     let gw3 = Gateway::start_with(&redis.url(), &cfg).await;
     let mut v = gw3.viewer("alice").await;
-    v.send(json!({"type":"add_to_cart","req":"cart-1","room":"room","sku":"sku","qty":3}))
-        .await;
-    let ended = v.reply_to("cart-1").await;
-    assert_eq!(ended["type"], "error", "{ended}");
-    assert_eq!(ended["code"], "conflict", "{ended}");
-    assert_eq!(gw3.app.inventory.available("sku"), Some(10));
+    for (req, qty) in [("cart-1", 3), ("cart-2", 1)] {
+        v.send(json!({"type":"add_to_cart","req":req,"room":"room","sku":"sku","qty":qty}))
+            .await;
+        let ended = v.reply_to(req).await;
+        assert_eq!(ended["type"], "error", "{req}: {ended}");
+        assert_eq!(ended["code"], "conflict", "{req}: {ended}");
+    }
+    assert_eq!(gw3.app.inventory.available("sku"), Some(9));
     // The record lives in this minute's bucket, which expires after the idempotency TTL.
     let mut c = redis_conn(&redis.url()).await;
     let buckets: Vec<String> = redis::cmd("KEYS")
@@ -388,10 +399,10 @@ async fn reservations_that_expired_while_down_are_expired_at_start() {
     a.request(json!({"type":"upsert_product","room":"y","sku":"z","title":"t","price_cents":5,"stock":3,"ttl_s":1}))
         .await;
     let mut v = gw.viewer("carol").await;
-    let r = v
-        .request(json!({"type":"add_to_cart","room":"y","sku":"z","qty":3}))
+    v.send(json!({"type":"add_to_cart","req":"c1","room":"y","sku":"z","qty":3}))
         .await;
-    assert_eq!(r["type"], "reserved");
+    let r = v.reply_to("c1").await;
+    assert_eq!(r["type"], "reserved", "{r}");
     // Down before the sweeper sees it expire.
     gw.stop().await;
     drop(gw);
@@ -415,6 +426,18 @@ async fn reservations_that_expired_while_down_are_expired_at_start() {
         .await
         .expect("hlen");
     assert_eq!(held, 0);
+    // The expiry recorded its idempotency record: after one more restart, the same req
+    // is told its reservation ended rather than reserving again.
+    let mut gw2 = gw2;
+    gw2.stop().await;
+    drop(gw2);
+    let gw3 = Gateway::start_with(&redis.url(), &cfg).await;
+    let mut v = gw3.viewer("carol").await;
+    v.send(json!({"type":"add_to_cart","req":"c1","room":"y","sku":"z","qty":3}))
+        .await;
+    let again = v.reply_to("c1").await;
+    assert_eq!(again["code"], "conflict", "{again}");
+    assert_eq!(gw3.app.inventory.available("z"), Some(3));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -49,26 +49,33 @@ pub fn reservation_record(r: &Reservation) -> String {
     serde_json::to_string(&record).unwrap_or_default()
 }
 
-/// The state writes that make a reservation durable: its record in `P:reservations` and
-/// its idempotency record in the current bucket. Both are hash writes, merged with the rest
-/// of the batch's into one `HSET` per hash by the committer.
-fn reservation_state(app: &App, r: &Reservation, id: &str, now: u64) -> Vec<HashWrite> {
+/// The state write that makes a reservation durable: its record in `P:reservations`, a
+/// hash write merged with the rest of its group commit. While the reservation is active,
+/// that record is also its idempotency record (it names the user, req and SKU; a restart
+/// rebuilds the index from it); [`ended_idem`] writes one of its own when it ends.
+fn reservation_state(app: &App, r: &Reservation, id: &str) -> Vec<HashWrite> {
+    vec![HashWrite {
+        key: app.keys.reservations(),
+        field: id.to_string(),
+        value: reservation_record(r),
+        expire_at_ms: None,
+    }]
+}
+
+/// The idempotency record of a reservation that ends now (released, bought or expired),
+/// written in the same transaction as the removal of its record, into the current minute's
+/// bucket: from then until the bucket expires, a retry of its (user, req, sku) is told it
+/// ended instead of reserving again, also after a restart. Written at the end rather than
+/// at the reserve, so a rush of reserves costs Redis one hash write each, not two.
+pub(crate) fn ended_idem(app: &App, r: &Reservation, now: u64) -> HashWrite {
     let bucket = keys::idem_bucket(now);
     let ttl_ms = app.cfg.limits.idempotency_ttl.as_millis() as u64;
-    vec![
-        HashWrite {
-            key: app.keys.reservations(),
-            field: id.to_string(),
-            value: reservation_record(r),
-            expire_at_ms: None,
-        },
-        HashWrite {
-            key: app.keys.reserve_idem_bucket(bucket),
-            field: keys::Keys::reserve_idem_field(&r.user, &r.req, &r.sku),
-            value: format!("{id} {}", r.sku),
-            expire_at_ms: Some(keys::idem_bucket_expiry(bucket, ttl_ms)),
-        },
-    ]
+    HashWrite {
+        key: app.keys.reserve_idem_bucket(bucket),
+        field: keys::Keys::reserve_idem_field(&r.user, &r.req, &r.sku),
+        value: format!("{} {}", r.id, r.sku),
+        expire_at_ms: Some(keys::idem_bucket_expiry(bucket, ttl_ms)),
+    }
 }
 
 pub(super) fn reserved_reply(req: String, r: &Reservation) -> ServerMsg {
@@ -216,7 +223,7 @@ async fn commit_reservation(app: Arc<App>, req: String, res: ResHandle, now: u64
         .arg(now);
     let change = Change {
         cmds: vec![xadd],
-        hash_writes: reservation_state(&app, &res, &id, now),
+        hash_writes: reservation_state(&app, &res, &id),
     };
     match app.committer.commit_change(change).await {
         Ok(()) => {
@@ -263,6 +270,7 @@ pub async fn release(app: &Arc<App>, s: &mut Session, req: String, reservation: 
         .inventory
         .begin_release(&s.user, id)
         .map_err(inv_error)?;
+    let now = unix_ms();
     let mut xadd = crate::commit::event(&app.keys, "released");
     xadd.arg("reservation")
         .arg(&reservation)
@@ -273,10 +281,16 @@ pub async fn release(app: &Arc<App>, s: &mut Session, req: String, reservation: 
         .arg("qty")
         .arg(res.qty)
         .arg("at")
-        .arg(unix_ms());
+        .arg(now);
     let mut hdel = redis::cmd("HDEL");
     hdel.arg(app.keys.reservations()).arg(&reservation);
-    let result = app.committer.commit(vec![xadd, hdel]).await;
+    let result = app
+        .committer
+        .commit_change(Change {
+            cmds: vec![xadd, hdel],
+            hash_writes: vec![ended_idem(app, &res, now)],
+        })
+        .await;
     if matches!(result, Err(CommitError::Unknown)) {
         // Released in Redis if the record is gone.
         let mut probe = redis::cmd("HEXISTS");
@@ -381,7 +395,13 @@ pub async fn checkout(
         .arg("PX")
         .arg(app.cfg.limits.idempotency_ttl.as_millis() as u64);
     cmds.push(idem);
-    let result = app.committer.commit(cmds).await;
+    let result = app
+        .committer
+        .commit_change(Change {
+            cmds,
+            hash_writes: held.iter().map(|r| ended_idem(app, r, now)).collect(),
+        })
+        .await;
     if matches!(result, Err(CommitError::Unknown)) {
         // The order is recorded if its idempotency record is; until Redis says, the units
         // stay in checkout. A retry with the same req finds the record once it is there.
