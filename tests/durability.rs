@@ -121,6 +121,19 @@ async fn a_rush_of_1000_for_100_units_reserves_exactly_100() {
             .expect("hexists");
         assert!(held, "confirmed reservation {id} is in redis");
     }
+    // Each entry carries the reservation's record, as docs/redis.md says: the same JSON as
+    // its value in P:reservations.
+    for e in &entries {
+        let id = e.get("reservation").expect("reservation field");
+        let record: String = c
+            .hget(format!("{prefix}:reservations"), id)
+            .await
+            .expect("hget");
+        assert_eq!(e.get("record"), Some(&record), "{e:?}");
+        let v: Value = serde_json::from_str(&record).expect("json record");
+        assert_eq!(v["sku"], "sku-hot", "{v}");
+        assert_eq!(v["qty"], 1, "{v}");
+    }
     let counts = gw.app.inventory.counts("sku-hot").expect("sku");
     assert_eq!(
         (counts.available, counts.reserved, counts.sold),

@@ -53,11 +53,11 @@ pub fn reservation_record(r: &Reservation) -> String {
 /// hash write merged with the rest of its group commit. While the reservation is active,
 /// that record is also its idempotency record (it names the user, req and SKU; a restart
 /// rebuilds the index from it); [`ended_idem`] writes one of its own when it ends.
-fn reservation_state(app: &App, r: &Reservation, id: &str) -> Vec<HashWrite> {
+fn reservation_state(app: &App, id: &str, record: String) -> Vec<HashWrite> {
     vec![HashWrite {
         key: app.keys.reservations(),
         field: id.to_string(),
-        value: reservation_record(r),
+        value: record,
         expire_at_ms: None,
     }]
 }
@@ -157,12 +157,9 @@ fn start_reserve(app: &Arc<App>, req: String, request: ReserveRequest) -> Step {
         // A retry: the core answers Existing only for a Held reservation, and a
         // reservation is Held only once Redis holds it.
         Ok(ReserveOutcome::Existing(res)) => Step::Now(Ok(Some(reserved_reply(req, &res)))),
-        Ok(ReserveOutcome::New(res)) => Step::Later(Box::pin(commit_reservation(
-            app.clone(),
-            req,
-            res,
-            request.now,
-        ))),
+        Ok(ReserveOutcome::New(res)) => {
+            Step::Later(Box::pin(commit_reservation(app.clone(), req, res)))
+        }
         // The same (user, req, sku) is still being recorded (a client that resent before
         // its first reply, on this connection or another): answer what the first gets.
         Err(InvError::InFlight) => {
@@ -186,9 +183,7 @@ async fn wait_then_reserve(app: Arc<App>, req: String, mut request: ReserveReque
         request.now = unix_ms();
         match app.inventory.reserve(request.clone()) {
             Ok(ReserveOutcome::Existing(res)) => return Ok(Some(reserved_reply(req, &res))),
-            Ok(ReserveOutcome::New(res)) => {
-                return commit_reservation(app, req, res, request.now).await
-            }
+            Ok(ReserveOutcome::New(res)) => return commit_reservation(app, req, res).await,
             Err(InvError::InFlight) if tokio::time::Instant::now() < deadline => {}
             Err(e) => return Err(inv_error(e)),
         }
@@ -198,32 +193,18 @@ async fn wait_then_reserve(app: Arc<App>, req: String, mut request: ReserveReque
 /// Records a new reservation through the group committer, then confirms it (`reserved`),
 /// undoes it (`unavailable`), or, when Redis did not answer, keeps its units until Redis
 /// says whether the record landed.
-async fn commit_reservation(app: Arc<App>, req: String, res: ResHandle, now: u64) -> Reply {
+async fn commit_reservation(app: Arc<App>, req: String, res: ResHandle) -> Reply {
     let id = res.id.to_string();
-    // Nine pairs: the names (~60 bytes), the strings, and up to 20 digits per number.
-    let bytes = 60 + id.len() + res.user.len() + res.req.len() + res.room.len() + res.sku.len();
-    let mut xadd = crate::commit::event_sized(&app.keys, "reserved", 9, bytes + 4 * 20);
-    xadd.arg("reservation")
-        .arg(&id)
-        .arg("user")
-        .arg(&*res.user)
-        .arg("req")
-        .arg(&*res.req)
-        .arg("room")
-        .arg(&*res.room)
-        .arg("sku")
-        .arg(&*res.sku)
-        .arg("qty")
-        .arg(res.qty)
-        .arg("price_cents")
-        .arg(res.price_cents)
-        .arg("expires_at")
-        .arg(res.expires_at)
-        .arg("at")
-        .arg(now);
+    // The entry carries the reservation's record, the same JSON as `P:reservations`
+    // (docs/redis.md): three fields rather than ten, which is what Redis pays per entry
+    // when it is added and again when the order writer reads it.
+    let record = reservation_record(&res);
+    let mut xadd =
+        crate::commit::event_sized(&app.keys, "reserved", 2, 20 + id.len() + record.len());
+    xadd.arg("reservation").arg(&id).arg("record").arg(&record);
     let change = Change {
         cmds: vec![xadd],
-        hash_writes: reservation_state(&app, &res, &id),
+        hash_writes: reservation_state(&app, &id, record),
     };
     match app.committer.commit_change(change).await {
         Ok(()) => {

@@ -18,7 +18,7 @@ use crate::{
 
 const SCRIPT: &str = r#"
 -- KEYS: product hash, reservations hash, events stream, idempotency key
--- ARGV: id, user, req, room, sku, qty, price_cents, expires_at, now, record, ttl_ms
+-- ARGV: id, sku, qty, record, ttl_ms
 local prior = redis.call('GET', KEYS[4])
 if prior then
   local id = string.match(prior, '^(%S+)')
@@ -27,14 +27,12 @@ end
 local p = redis.call('HMGET', KEYS[1], 'stocked', 'sold', 'held')
 if not p[1] then return {-1, 'unknown sku', ''} end
 local free = tonumber(p[1]) - tonumber(p[2] or '0') - tonumber(p[3] or '0')
-local qty = tonumber(ARGV[6])
+local qty = tonumber(ARGV[3])
 if free < qty then return {0, tostring(free), ''} end
 redis.call('HINCRBY', KEYS[1], 'held', qty)
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[10])
-redis.call('XADD', KEYS[3], '*', 'kind', 'reserved', 'reservation', ARGV[1], 'user', ARGV[2],
-  'req', ARGV[3], 'room', ARGV[4], 'sku', ARGV[5], 'qty', ARGV[6], 'price_cents', ARGV[7],
-  'expires_at', ARGV[8], 'at', ARGV[9])
-redis.call('SET', KEYS[4], ARGV[1] .. ' ' .. ARGV[5], 'PX', ARGV[11])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
+redis.call('XADD', KEYS[3], '*', 'kind', 'reserved', 'reservation', ARGV[1], 'record', ARGV[4])
+redis.call('SET', KEYS[4], ARGV[1] .. ' ' .. ARGV[2], 'PX', ARGV[5])
 return {1, ARGV[1], ARGV[1]}
 "#;
 
@@ -96,14 +94,8 @@ async fn run_script(
         .key(app.keys.events())
         .key(app.keys.reserve_idem(&user, &req, sku))
         .arg(&id)
-        .arg(&*user)
-        .arg(&req)
-        .arg(&*room)
         .arg(sku)
         .arg(qty)
-        .arg(res.price_cents)
-        .arg(res.expires_at)
-        .arg(now)
         .arg(super::reservation_record(&res))
         .arg(app.cfg.limits.idempotency_ttl.as_millis() as u64)
         .invoke_async(&mut app.redis.clone())
