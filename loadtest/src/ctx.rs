@@ -64,6 +64,11 @@ pub struct Common {
     /// With --spawn: pin redis-server to these CPUs (a `taskset -c` list).
     #[arg(long, global = true)]
     pub redis_cpus: Option<String>,
+    /// With --spawn: hold redis-server to this share of one CPU (e.g. 0.25) with a cgroup
+    /// CPU quota (needs root, or a delegated cgroup v2), so Redis is the bottleneck, as it is
+    /// when it has a core of its own and the gateway has several.
+    #[arg(long, global = true)]
+    pub redis_cpu_quota: Option<f64>,
     /// Wire encoding (subprotocol livegate.v1.json or livegate.v1.msgpack).
     #[arg(long, global = true, value_enum, default_value = "json")]
     pub encoding: Encoding,
@@ -142,14 +147,16 @@ impl Ctx {
         }
         let target = Target::parse(&c.url)?;
         let sources = Sources::for_connections(conns, c.source_addrs);
-        if !c.spawn && (c.gateway_cpus.is_some() || c.redis_cpus.is_some()) {
-            bail!("--gateway-cpus and --redis-cpus need --spawn");
+        if !c.spawn
+            && (c.gateway_cpus.is_some() || c.redis_cpus.is_some() || c.redis_cpu_quota.is_some())
+        {
+            bail!("--gateway-cpus, --redis-cpus and --redis-cpu-quota need --spawn");
         }
         let (target, secret, redis_url, key_prefix, pid, redis_pid, order_db, spawned) = if c.spawn
         {
             let dir = spawn::temp_dir("run")?;
             let bin = spawn::gateway_bin(c.gateway_bin.as_deref())?;
-            let redis = Redis::start(&dir, c.redis_cpus.as_deref()).await?;
+            let redis = Redis::start(&dir, c.redis_cpus.as_deref(), c.redis_cpu_quota).await?;
             let gateway =
                 match Gateway::start(&bin, &dir, &redis.url, extra_env, c.gateway_cpus.as_deref())
                     .await

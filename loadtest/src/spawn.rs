@@ -4,7 +4,9 @@
 //! temp SQLite order store; it waits for `/healthz` and `/readyz`, and on drop terminates both
 //! (SIGTERM, then SIGKILL after a grace period). The temp directory keeps the logs. Either
 //! child can be pinned to a CPU list (`taskset -c`, which execs the program under the same
-//! pid), so benchmarks can keep the harness, the gateway and Redis off each other's cores.
+//! pid), so benchmarks can keep the harness, the gateway and Redis off each other's cores,
+//! and redis-server can be held to a share of one CPU (a cgroup CPU quota, root only), so a
+//! benchmark can measure the shape where Redis, not the gateway, is the bottleneck.
 
 use anyhow::{bail, Context, Result};
 use std::net::{SocketAddr, TcpListener};
@@ -89,16 +91,73 @@ async fn stop(child: &mut Child, grace: Duration) {
     }
 }
 
+/// A cgroup holding a process to `quota` of one CPU (cgroup v2's `cpu.max`, or v1's CFS
+/// quota where the v1 `cpu` controller is mounted); removed on drop (once the process has
+/// exited: a cgroup with members cannot be removed, and that error is ignored).
+pub struct CpuQuota {
+    dir: PathBuf,
+}
+
+impl CpuQuota {
+    const PERIOD_US: u64 = 100_000;
+
+    /// Moves `pid` into a new cgroup limited to `quota` CPUs (e.g. 0.25).
+    pub fn apply(pid: u32, quota: f64) -> Result<CpuQuota> {
+        if !(0.01..=64.0).contains(&quota) {
+            bail!("--redis-cpu-quota must be between 0.01 and 64 (CPUs)");
+        }
+        let quota_us = (quota * Self::PERIOD_US as f64).round() as u64;
+        let name = format!("livegate-loadtest-redis-{}", nonce());
+        let v2 = Path::new("/sys/fs/cgroup");
+        let v2_cpu = std::fs::read_to_string(v2.join("cgroup.subtree_control"))
+            .is_ok_and(|c| c.split_whitespace().any(|c| c == "cpu"));
+        let dir = if v2_cpu {
+            let dir = v2.join(name);
+            std::fs::create_dir(&dir)?;
+            std::fs::write(
+                dir.join("cpu.max"),
+                format!("{quota_us} {}", Self::PERIOD_US),
+            )?;
+            dir
+        } else {
+            let dir = v2.join("cpu").join(name);
+            std::fs::create_dir(&dir).with_context(|| {
+                format!(
+                    "creating {} (no cgroup v2 cpu controller; v1 needs root)",
+                    dir.display()
+                )
+            })?;
+            std::fs::write(dir.join("cpu.cfs_period_us"), Self::PERIOD_US.to_string())?;
+            std::fs::write(dir.join("cpu.cfs_quota_us"), quota_us.to_string())?;
+            dir
+        };
+        let q = CpuQuota { dir };
+        std::fs::write(q.dir.join("cgroup.procs"), pid.to_string())
+            .with_context(|| format!("moving pid {pid} into {}", q.dir.display()))?;
+        Ok(q)
+    }
+}
+
+impl Drop for CpuQuota {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
 /// A redis-server owned by the harness.
 pub struct Redis {
     child: Child,
     pub url: String,
     pub pid: u32,
+    /// Declared after the child, so it drops after it; `stop` waits for the exit first, so
+    /// the cgroup is empty when it is removed.
+    quota: Option<CpuQuota>,
 }
 
 impl Redis {
-    /// Starts redis-server in `dir`, pinned to `cpus` (a `taskset -c` list) when given.
-    pub async fn start(dir: &Path, cpus: Option<&str>) -> Result<Self> {
+    /// Starts redis-server in `dir`, pinned to `cpus` (a `taskset -c` list) and held to
+    /// `quota` CPUs when given.
+    pub async fn start(dir: &Path, cpus: Option<&str>, quota: Option<f64>) -> Result<Self> {
         let port = free_port()?;
         let log = std::fs::File::create(dir.join("redis.log"))?;
         let child = command(Path::new("redis-server"), cpus)
@@ -119,6 +178,7 @@ impl Redis {
             .spawn()
             .context("starting redis-server (is it installed? is taskset, with --redis-cpus?)")?;
         let pid = child.id().context("redis-server has no pid")?;
+        let quota = quota.map(|q| CpuQuota::apply(pid, q)).transpose()?;
         let url = format!("redis://127.0.0.1:{port}");
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -136,11 +196,17 @@ impl Redis {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok(Self { child, url, pid })
+        Ok(Self {
+            child,
+            url,
+            pid,
+            quota,
+        })
     }
 
     pub async fn stop(mut self) {
         stop(&mut self.child, Duration::from_secs(3)).await;
+        drop(self.quota.take());
     }
 }
 

@@ -141,7 +141,7 @@ pub async fn run_all(common: &Common, a: &Args, conns: usize, report: &mut Repor
                "sustain_s": p.steady.as_secs(), "stock": p.stock, "qty": a.qty,
                "restock_per_sec": p.restock_per_sec, "join": !a.no_join,
                "encoding": common.encoding, "gateway_cpus": common.gateway_cpus,
-               "redis_cpus": common.redis_cpus,
+               "redis_cpus": common.redis_cpus, "redis_cpu_quota": common.redis_cpu_quota,
                "spawned_gateway_env": rate_env()}),
     );
     if common.spawn {
