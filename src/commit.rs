@@ -44,8 +44,9 @@ pub fn event_sized(
 /// of a whole batch into one `HSET` per hash, placed before the batch's plain commands
 /// (the transaction is atomic either way). So a change must not write, with a hash write,
 /// a field that an earlier change of the same batch deletes with a plain command: true of
-/// the gateway, whose hash writes create records under fresh ids (a record can only be
-/// deleted once its own commit has been answered, so never in the same batch anyway).
+/// the gateway, whose hash writes either create records under fresh ids (a record can only
+/// be deleted once its own commit has been answered, so never in the same batch anyway)
+/// or write idempotency bucket fields, which no command deletes (the bucket expires whole).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HashWrite {
     pub key: String,

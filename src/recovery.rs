@@ -77,22 +77,24 @@ pub async fn restore(app: &Arc<App>) -> Result<(), redis::RedisError> {
     }
     let records: HashMap<String, String> = c.hgetall(k.reservations()).await?;
     let mut bad = 0usize;
+    // An active reservation's record is its idempotency record too. These go in last (the
+    // restore keeps the newest records within the cap, and a later record of a key
+    // replaces an earlier one): a held reservation is never dropped for an ended one, and
+    // wins over an ended record of the same (user, req, sku).
+    let mut held_idem = Vec::with_capacity(records.len());
     for (id, json) in &records {
         match parse_reservation(id, json) {
             Some(r) => {
-                // An active reservation's record is its idempotency record too.
-                state
-                    .idempotency
-                    .push((r.user.clone(), r.req.clone(), r.sku.clone(), r.id, false));
+                held_idem.push((r.user.clone(), r.req.clone(), r.sku.clone(), r.id, false));
                 state.reservations.push(r);
             }
             None => bad += 1,
         }
     }
     // Idempotency records of ended reservations: the buckets `P:idem:reserves:{n}` the
-    // core writes when a reservation ends, and the one-key records
-    // `P:idem:reserve:{field}` (the Lua baseline, older versions). One scan finds both;
-    // `reserve*` matches both names. (Versions before 2026-11-21 also wrote a bucket
+    // core writes when a reservation ends (read oldest minute first), and the one-key
+    // records `P:idem:reserve:{field}` (the Lua baseline, older versions). One scan finds
+    // both; `reserve*` matches both names. (Versions before 2026-11-21 also wrote a bucket
     // record at the reserve; such a record of an active reservation restores as active.)
     let pattern = format!("{}:idem:reserve*", k.prefix());
     let bucket_prefix = format!("{}:idem:reserves:", k.prefix());
@@ -108,6 +110,11 @@ pub async fn restore(app: &Arc<App>) -> Result<(), redis::RedisError> {
             }
         }
     }
+    buckets.sort_by_key(|b| {
+        b.get(bucket_prefix.len()..)
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    });
     let mut add_record = |user: &str, req: &str, sku: &str, value: &str| {
         let id = value.split(' ').next().unwrap_or_default();
         if let Some(rid) = ResId::parse(id) {
@@ -117,15 +124,6 @@ pub async fn restore(app: &Arc<App>) -> Result<(), redis::RedisError> {
                 .push((Arc::from(user), Arc::from(req), Arc::from(sku), rid, ended));
         }
     };
-    for bucket in &buckets {
-        let mut iter: redis::AsyncIter<(String, String)> = c.hscan(bucket).await?;
-        while let Some(item) = iter.next_item().await {
-            let (field, value) = item?;
-            if let Some((user, req, sku)) = parse_idem_field(&field) {
-                add_record(user, req, sku, &value);
-            }
-        }
-    }
     for chunk in single_keys.chunks(500) {
         let values: Vec<Option<String>> = redis::cmd("MGET").arg(chunk).query_async(&mut c).await?;
         for (key, value) in chunk.iter().zip(values) {
@@ -135,6 +133,16 @@ pub async fn restore(app: &Arc<App>) -> Result<(), redis::RedisError> {
             }
         }
     }
+    for bucket in &buckets {
+        let mut iter: redis::AsyncIter<(String, String)> = c.hscan(bucket).await?;
+        while let Some(item) = iter.next_item().await {
+            let (field, value) = item?;
+            if let Some((user, req, sku)) = parse_idem_field(&field) {
+                add_record(user, req, sku, &value);
+            }
+        }
+    }
+    state.idempotency.extend(held_idem);
     let summary = app.inventory.restore(state, now);
     tracing::info!(
         products = summary.products,

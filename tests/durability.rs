@@ -121,6 +121,14 @@ async fn a_rush_of_1000_for_100_units_reserves_exactly_100() {
             .expect("hexists");
         assert!(held, "confirmed reservation {id} is in redis");
     }
+    // A reserve writes no idempotency bucket: the record is its idempotency record, and a
+    // bucket record is written only when a reservation ends.
+    let buckets: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:idem:reserves:*"))
+        .query_async(&mut c)
+        .await
+        .expect("keys");
+    assert!(buckets.is_empty(), "{buckets:?}");
     // Each entry carries the reservation's record, as docs/redis.md says: the same JSON as
     // its value in P:reservations.
     for e in &entries {
@@ -1110,4 +1118,181 @@ async fn a_fence_after_a_redis_restart_ends_nobody_else() {
         let pong: redis::RedisResult<String> = redis::cmd("PING").query_async(c).await;
         assert!(pong.is_ok(), "client {i} was killed: {pong:?}");
     }
+}
+
+/// Settings for the idempotency tests below: a small in-memory cap, no rate limit.
+fn cap_cfg(prefix: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("LIVEGATE_KEY_PREFIX", prefix.to_string()),
+        ("LIVEGATE_RATE_PER_SEC", "100000".into()),
+        ("LIVEGATE_RATE_BURST", "100000".into()),
+        ("LIVEGATE_IDEMPOTENCY_CAP", "1000".into()),
+    ]
+}
+
+fn pairs<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    v.iter().map(|(k, s)| (*k, s.as_str())).collect()
+}
+
+/// A busy past: more ended add_to_cart records in Redis than LIVEGATE_IDEMPOTENCY_CAP (the
+/// documented regime: Redis keeps them for the TTL, memory keeps the newest CAP). After a
+/// restart, a retry of a reservation that is still held must get that reservation: the
+/// restore puts held reservations' records in last, so the cap drops ended ones first.
+/// (Found by review: with them first, the retry reserved a second time.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_reservation_keeps_its_idempotency_when_ended_records_exceed_the_cap() {
+    let redis = RedisServer::start();
+    let prefix = unique_prefix();
+    let cfg = cap_cfg(&prefix);
+    let mut gw = Gateway::start_with(&redis.url(), &pairs(&cfg)).await;
+    let _a = room_with_product(&gw, "p", "s", 100).await;
+    let mut v = gw.viewer("alice").await;
+    for chunk in 0..10 {
+        let reqs: Vec<String> = (0..100).map(|i| format!("old-{chunk}-{i}")).collect();
+        send_carts(&mut v, &reqs).await;
+        let replies = replies_to(&mut v, &reqs).await;
+        let rels: Vec<String> = reqs.iter().map(|r| format!("rel-{r}")).collect();
+        for (req, rel) in reqs.iter().zip(&rels) {
+            let id = replies[req]["reservation"]
+                .as_str()
+                .expect("reserved")
+                .to_string();
+            v.send(json!({"type":"release","req":rel,"reservation":id}))
+                .await;
+        }
+        let released = replies_to(&mut v, &rels).await;
+        assert!(released.values().all(|m| m["type"] == "released"));
+    }
+    v.send(json!({"type":"add_to_cart","req":"keep","room":"p","sku":"s","qty":2}))
+        .await;
+    let kept = v.reply_to("keep").await;
+    assert_eq!(kept["type"], "reserved", "{kept}");
+    gw.stop().await;
+    drop(gw);
+
+    let gw2 = Gateway::start_with(&redis.url(), &pairs(&cfg)).await;
+    let mut v = gw2.viewer("alice").await;
+    v.send(json!({"type":"add_to_cart","req":"keep","room":"p","sku":"s","qty":2}))
+        .await;
+    let again = v.reply_to("keep").await;
+    assert_eq!(
+        again["reservation"], kept["reservation"],
+        "retry after restart: {again}"
+    );
+    assert_eq!(gw2.app.inventory.available("s"), Some(98));
+}
+
+/// An ended record of (user, req, sku) in a bucket and a held reservation of the same key in
+/// P:reservations (reachable: the in-memory record was evicted by the cap or the TTL, and a
+/// retry reserved anew, as documented). After a restart the held one must win.
+#[tokio::test]
+async fn a_held_reservation_wins_over_an_ended_record_of_the_same_key() {
+    let redis = RedisServer::start();
+    let prefix = unique_prefix();
+    let cfg = cap_cfg(&prefix);
+    let mut gw = Gateway::start_with(&redis.url(), &pairs(&cfg)).await;
+    let _a = room_with_product(&gw, "p", "s", 10).await;
+    let mut v = gw.viewer("alice").await;
+    v.send(json!({"type":"add_to_cart","req":"cart-1","room":"p","sku":"s","qty":1}))
+        .await;
+    let held = v.reply_to("cart-1").await;
+    assert_eq!(held["type"], "reserved", "{held}");
+    // What release of an earlier reservation of the same key wrote (ended_idem).
+    let now = livegate::metrics::unix_ms();
+    let bucket = livegate::keys::idem_bucket(now);
+    let mut c = redis_conn(&redis.url()).await;
+    let _: () = c
+        .hset(
+            format!("{prefix}:idem:reserves:{bucket}"),
+            livegate::keys::Keys::reserve_idem_field("alice", "cart-1", "s"),
+            "r1-999 s",
+        )
+        .await
+        .expect("hset");
+    gw.stop().await;
+    drop(gw);
+
+    let gw2 = Gateway::start_with(&redis.url(), &pairs(&cfg)).await;
+    let mut v = gw2.viewer("alice").await;
+    v.send(json!({"type":"add_to_cart","req":"cart-1","room":"p","sku":"s","qty":1}))
+        .await;
+    let again = v.reply_to("cart-1").await;
+    assert_eq!(
+        again["reservation"], held["reservation"],
+        "retry after restart: {again}"
+    );
+}
+
+/// Checkout of two reservations: both retries are told they ended, after a restart.
+#[tokio::test]
+async fn a_checkout_of_two_reservations_records_both_ended() {
+    let redis = RedisServer::start();
+    let prefix = unique_prefix();
+    let cfg = cap_cfg(&prefix);
+    let mut gw = Gateway::start_with(&redis.url(), &pairs(&cfg)).await;
+    let _a = room_with_product(&gw, "p", "s", 10).await;
+    let mut v = gw.viewer("alice").await;
+    let mut ids = Vec::new();
+    for req in ["c-a", "c-b"] {
+        v.send(json!({"type":"add_to_cart","req":req,"room":"p","sku":"s","qty":1}))
+            .await;
+        let r = v.reply_to(req).await;
+        ids.push(r["reservation"].clone());
+    }
+    let order = v
+        .request(json!({"type":"checkout","reservations":ids}))
+        .await;
+    assert_eq!(order["type"], "order_accepted", "{order}");
+    gw.stop().await;
+    drop(gw);
+    let gw2 = Gateway::start_with(&redis.url(), &pairs(&cfg)).await;
+    let mut v = gw2.viewer("alice").await;
+    for req in ["c-a", "c-b"] {
+        v.send(json!({"type":"add_to_cart","req":req,"room":"p","sku":"s","qty":1}))
+            .await;
+        let r = v.reply_to(req).await;
+        assert_eq!(r["code"], "conflict", "{req}: {r}");
+    }
+    assert_eq!(gw2.app.inventory.available("s"), Some(8));
+}
+
+/// The Lua baseline's entry carries the same record as P:reservations.
+#[tokio::test]
+async fn the_lua_baseline_entry_carries_the_record() {
+    let redis = RedisServer::start();
+    let prefix = unique_prefix();
+    let gw = Gateway::start_with(
+        &redis.url(),
+        &[
+            ("LIVEGATE_KEY_PREFIX", &prefix),
+            ("LIVEGATE_RESERVE_MODE", "lua"),
+        ],
+    )
+    .await;
+    let _a = room_with_product(&gw, "lua", "s", 5).await;
+    let mut v = gw.viewer("bob").await;
+    v.request(json!({"type":"join","room":"lua","ref":"carol"}))
+        .await;
+    let r = v
+        .request(json!({"type":"add_to_cart","room":"lua","sku":"s","qty":2}))
+        .await;
+    assert_eq!(r["type"], "reserved", "{r}");
+    let entries = stream_entries(&redis.url(), &prefix, "reserved").await;
+    assert_eq!(entries.len(), 1);
+    let mut c = redis_conn(&redis.url()).await;
+    let rec: String = c
+        .hget(
+            format!("{prefix}:reservations"),
+            r["reservation"].as_str().expect("id"),
+        )
+        .await
+        .expect("hget");
+    assert_eq!(entries[0].get("record"), Some(&rec), "{:?}", entries[0]);
+    assert_eq!(entries[0].len(), 3, "{:?}", entries[0]);
+    let v: Value = serde_json::from_str(&rec).expect("json record");
+    assert_eq!(
+        (v["qty"].clone(), v["sku"].clone()),
+        (json!(2), json!("s")),
+        "{v}"
+    );
 }

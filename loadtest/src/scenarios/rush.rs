@@ -405,25 +405,38 @@ async fn verify_redis(
     let mut conn = verify::connect(&ctx.redis_url).await?;
     let events_key = ctx.redis_key("events");
     let all = verify::union(tailed, verify::xrange_all(&mut conn, &events_key).await?);
-    let mine: Vec<&HashMap<String, String>> = all
+    // (kind, reservation id, qty) of this SKU's entries. A `reserved` entry carries the
+    // reservation's record as JSON in `record` (docs/redis.md); older entries, and the other
+    // kinds, have flat `sku` and `qty` fields.
+    let mine: Vec<(&str, &str, u64)> = all
         .iter()
         .map(|e| &e.1)
-        .filter(|m| m.get("sku").map(String::as_str) == Some(sku))
+        .filter_map(|m| {
+            let kind = m.get("kind").map(String::as_str)?;
+            let id = m.get("reservation").map(String::as_str).unwrap_or("");
+            let (entry_sku, qty) = match m.get("record") {
+                Some(record) => {
+                    let v: Value = serde_json::from_str(record).ok()?;
+                    (
+                        v["sku"].as_str()?.to_string(),
+                        v["qty"].as_u64().unwrap_or(0),
+                    )
+                }
+                None => (
+                    m.get("sku")?.clone(),
+                    m.get("qty")
+                        .and_then(|q| q.parse::<u64>().ok())
+                        .unwrap_or(0),
+                ),
+            };
+            (entry_sku == sku).then_some((kind, id, qty))
+        })
         .collect();
-    let units = |kind: &str| -> u64 {
-        mine.iter()
-            .filter(|m| m.get("kind").map(String::as_str) == Some(kind))
-            .map(|m| {
-                m.get("qty")
-                    .and_then(|q| q.parse::<u64>().ok())
-                    .unwrap_or(0)
-            })
-            .sum()
-    };
+    let units = |kind: &str| -> u64 { mine.iter().filter(|m| m.0 == kind).map(|m| m.2).sum() };
     let stream_ids: HashSet<&str> = mine
         .iter()
-        .filter(|m| m.get("kind").map(String::as_str) == Some("reserved"))
-        .filter_map(|m| m.get("reservation").map(String::as_str))
+        .filter(|m| m.0 == "reserved")
+        .map(|m| m.1)
         .collect();
     let active: HashMap<String, String> = redis::cmd("HGETALL")
         .arg(ctx.redis_key("reservations"))
