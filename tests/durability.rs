@@ -1146,6 +1146,29 @@ fn pairs<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
     v.iter().map(|(k, s)| (*k, s.as_str())).collect()
 }
 
+/// Stops `gw`, starts a fresh gateway with `cfg` on the same Redis, and sends alice's
+/// add_to_cart of `qty` units of SKU `s` in room `p` with each of `reqs` again; returns
+/// the new gateway and the replies.
+async fn restart_and_retry(
+    mut gw: Gateway,
+    url: &str,
+    cfg: &[(&'static str, String)],
+    reqs: &[&str],
+    qty: u32,
+) -> (Gateway, Vec<Value>) {
+    gw.stop().await;
+    drop(gw);
+    let gw2 = Gateway::start_with(url, &pairs(cfg)).await;
+    let mut v = gw2.viewer("alice").await;
+    let mut replies = Vec::new();
+    for req in reqs {
+        v.send(json!({"type":"add_to_cart","req":req,"room":"p","sku":"s","qty":qty}))
+            .await;
+        replies.push(v.reply_to(req).await);
+    }
+    (gw2, replies)
+}
+
 /// A busy past: more ended add_to_cart records in Redis than LIVEGATE_IDEMPOTENCY_CAP (the
 /// documented regime: Redis keeps them for the TTL, memory keeps the newest CAP). After a
 /// restart, a retry of a reservation that is still held must get that reservation: the
@@ -1156,7 +1179,7 @@ async fn a_held_reservation_keeps_its_idempotency_when_ended_records_exceed_the_
     let redis = RedisServer::start();
     let prefix = unique_prefix();
     let cfg = cap_cfg(&prefix);
-    let mut gw = Gateway::start_with(&redis.url(), &pairs(&cfg)).await;
+    let gw = Gateway::start_with(&redis.url(), &pairs(&cfg)).await;
     let _a = room_with_product(&gw, "p", "s", 100).await;
     let mut v = gw.viewer("alice").await;
     for chunk in 0..10 {
@@ -1179,17 +1202,11 @@ async fn a_held_reservation_keeps_its_idempotency_when_ended_records_exceed_the_
         .await;
     let kept = v.reply_to("keep").await;
     assert_eq!(kept["type"], "reserved", "{kept}");
-    gw.stop().await;
-    drop(gw);
-
-    let gw2 = Gateway::start_with(&redis.url(), &pairs(&cfg)).await;
-    let mut v = gw2.viewer("alice").await;
-    v.send(json!({"type":"add_to_cart","req":"keep","room":"p","sku":"s","qty":2}))
-        .await;
-    let again = v.reply_to("keep").await;
+    let (gw2, again) = restart_and_retry(gw, &redis.url(), &cfg, &["keep"], 2).await;
     assert_eq!(
-        again["reservation"], kept["reservation"],
-        "retry after restart: {again}"
+        again[0]["reservation"], kept["reservation"],
+        "retry after restart: {}",
+        again[0]
     );
     assert_eq!(gw2.app.inventory.available("s"), Some(98));
 }
@@ -1202,7 +1219,7 @@ async fn a_held_reservation_wins_over_an_ended_record_of_the_same_key() {
     let redis = RedisServer::start();
     let prefix = unique_prefix();
     let cfg = cap_cfg(&prefix);
-    let mut gw = Gateway::start_with(&redis.url(), &pairs(&cfg)).await;
+    let gw = Gateway::start_with(&redis.url(), &pairs(&cfg)).await;
     let _a = room_with_product(&gw, "p", "s", 10).await;
     let mut v = gw.viewer("alice").await;
     v.send(json!({"type":"add_to_cart","req":"cart-1","room":"p","sku":"s","qty":1}))
@@ -1221,17 +1238,11 @@ async fn a_held_reservation_wins_over_an_ended_record_of_the_same_key() {
         )
         .await
         .expect("hset");
-    gw.stop().await;
-    drop(gw);
-
-    let gw2 = Gateway::start_with(&redis.url(), &pairs(&cfg)).await;
-    let mut v = gw2.viewer("alice").await;
-    v.send(json!({"type":"add_to_cart","req":"cart-1","room":"p","sku":"s","qty":1}))
-        .await;
-    let again = v.reply_to("cart-1").await;
+    let (_gw2, again) = restart_and_retry(gw, &redis.url(), &cfg, &["cart-1"], 1).await;
     assert_eq!(
-        again["reservation"], held["reservation"],
-        "retry after restart: {again}"
+        again[0]["reservation"], held["reservation"],
+        "retry after restart: {}",
+        again[0]
     );
 }
 
@@ -1241,7 +1252,7 @@ async fn a_checkout_of_two_reservations_records_both_ended() {
     let redis = RedisServer::start();
     let prefix = unique_prefix();
     let cfg = cap_cfg(&prefix);
-    let mut gw = Gateway::start_with(&redis.url(), &pairs(&cfg)).await;
+    let gw = Gateway::start_with(&redis.url(), &pairs(&cfg)).await;
     let _a = room_with_product(&gw, "p", "s", 10).await;
     let mut v = gw.viewer("alice").await;
     let mut ids = Vec::new();
@@ -1255,15 +1266,9 @@ async fn a_checkout_of_two_reservations_records_both_ended() {
         .request(json!({"type":"checkout","reservations":ids}))
         .await;
     assert_eq!(order["type"], "order_accepted", "{order}");
-    gw.stop().await;
-    drop(gw);
-    let gw2 = Gateway::start_with(&redis.url(), &pairs(&cfg)).await;
-    let mut v = gw2.viewer("alice").await;
-    for req in ["c-a", "c-b"] {
-        v.send(json!({"type":"add_to_cart","req":req,"room":"p","sku":"s","qty":1}))
-            .await;
-        let r = v.reply_to(req).await;
-        assert_eq!(r["code"], "conflict", "{req}: {r}");
+    let (gw2, again) = restart_and_retry(gw, &redis.url(), &cfg, &["c-a", "c-b"], 1).await;
+    for r in &again {
+        assert_eq!(r["code"], "conflict", "{r}");
     }
     assert_eq!(gw2.app.inventory.available("s"), Some(8));
 }
