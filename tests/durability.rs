@@ -43,6 +43,24 @@ async fn stream_entries(url: &str, prefix: &str, kind: &str) -> Vec<HashMap<Stri
         .collect()
 }
 
+/// Checks that each `reserved` entry is `kind`, `reservation` and the `record` that
+/// P:reservations holds for it (docs/redis.md); returns the records, parsed.
+async fn entry_records(url: &str, prefix: &str, entries: &[HashMap<String, String>]) -> Vec<Value> {
+    let mut c = redis_conn(url).await;
+    let mut records = Vec::new();
+    for e in entries {
+        let id = e.get("reservation").expect("reservation field");
+        let record: String = c
+            .hget(format!("{prefix}:reservations"), id)
+            .await
+            .expect("hget");
+        assert_eq!(e.get("record"), Some(&record), "{e:?}");
+        assert_eq!(e.len(), 3, "{e:?}");
+        records.push(serde_json::from_str(&record).expect("json record"));
+    }
+    records
+}
+
 async fn connect_many(url: impl Fn(usize) -> String, n: usize) -> Vec<Client> {
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
@@ -131,14 +149,7 @@ async fn a_rush_of_1000_for_100_units_reserves_exactly_100() {
     assert!(buckets.is_empty(), "{buckets:?}");
     // Each entry carries the reservation's record, as docs/redis.md says: the same JSON as
     // its value in P:reservations.
-    for e in &entries {
-        let id = e.get("reservation").expect("reservation field");
-        let record: String = c
-            .hget(format!("{prefix}:reservations"), id)
-            .await
-            .expect("hget");
-        assert_eq!(e.get("record"), Some(&record), "{e:?}");
-        let v: Value = serde_json::from_str(&record).expect("json record");
+    for v in entry_records(&redis.url(), &prefix, &entries).await {
         assert_eq!(v["sku"], "sku-hot", "{v}");
         assert_eq!(v["qty"], 1, "{v}");
     }
@@ -275,10 +286,7 @@ async fn a_gateway_killed_mid_rush_keeps_every_invariant_after_restart() {
         let i: usize = req.trim_start_matches('q').parse().expect("req number");
         let mut again =
             Client::connect(&gw.ws_url(&format!("u{i}"), Role::Viewer, &[]), Enc::Json).await;
-        again
-            .send(json!({"type":"add_to_cart","req":req,"room":"k","sku":"s","qty":1}))
-            .await;
-        let r = again.reply_to(req).await;
+        let r = cart(&mut again, "k", "s", req, 1).await;
         assert_eq!(r["type"], "reserved", "{r}");
         assert_eq!(r["reservation"], id.as_str());
     }
@@ -307,9 +315,7 @@ async fn a_restart_restores_rooms_shelves_pins_and_reservations() {
         .await;
     let mut v = gw.viewer("alice").await;
     v.request(json!({"type":"join","room":"room"})).await;
-    v.send(json!({"type":"add_to_cart","req":"cart-1","room":"room","sku":"sku","qty":3}))
-        .await;
-    let r = v.reply_to("cart-1").await;
+    let r = cart(&mut v, "room", "sku", "cart-1", 3).await;
     assert_eq!(r["type"], "reserved");
     let id = r["reservation"].as_str().expect("id").to_string();
     gw.stop().await;
@@ -329,17 +335,13 @@ async fn a_restart_restores_rooms_shelves_pins_and_reservations() {
     assert_eq!(st["products"][0]["available"], 7);
     assert_eq!(st["products"][0]["title"], "Lipstick");
     // Idempotent retry after the restart.
-    v.send(json!({"type":"add_to_cart","req":"cart-1","room":"room","sku":"sku","qty":3}))
-        .await;
-    let again = v.reply_to("cart-1").await;
+    let again = cart(&mut v, "room", "sku", "cart-1", 3).await;
     assert_eq!(again["reservation"], id.as_str());
     let rel = v.request(json!({"type":"release","reservation":id})).await;
     assert_eq!(rel["type"], "released");
     assert_eq!(gw2.app.inventory.available("sku"), Some(10));
     // A second cart, bought.
-    v.send(json!({"type":"add_to_cart","req":"cart-2","room":"room","sku":"sku","qty":1}))
-        .await;
-    let r2 = v.reply_to("cart-2").await;
+    let r2 = cart(&mut v, "room", "sku", "cart-2", 1).await;
     assert_eq!(r2["type"], "reserved", "{r2}");
     let order = v
         .request(json!({"type":"checkout","reservations":[r2["reservation"]]}))
@@ -353,9 +355,7 @@ async fn a_restart_restores_rooms_shelves_pins_and_reservations() {
     let gw3 = Gateway::start_with(&redis.url(), &cfg).await;
     let mut v = gw3.viewer("alice").await;
     for (req, qty) in [("cart-1", 3), ("cart-2", 1)] {
-        v.send(json!({"type":"add_to_cart","req":req,"room":"room","sku":"sku","qty":qty}))
-            .await;
-        let ended = v.reply_to(req).await;
+        let ended = cart(&mut v, "room", "sku", req, qty).await;
         assert_eq!(ended["type"], "error", "{req}: {ended}");
         assert_eq!(ended["code"], "conflict", "{req}: {ended}");
     }
@@ -420,9 +420,7 @@ async fn reservations_that_expired_while_down_are_expired_at_start() {
     a.request(json!({"type":"upsert_product","room":"y","sku":"z","title":"t","price_cents":5,"stock":3,"ttl_s":1}))
         .await;
     let mut v = gw.viewer("carol").await;
-    v.send(json!({"type":"add_to_cart","req":"c1","room":"y","sku":"z","qty":3}))
-        .await;
-    let r = v.reply_to("c1").await;
+    let r = cart(&mut v, "y", "z", "c1", 3).await;
     assert_eq!(r["type"], "reserved", "{r}");
     // Down before the sweeper sees it expire.
     gw.stop().await;
@@ -454,9 +452,7 @@ async fn reservations_that_expired_while_down_are_expired_at_start() {
     drop(gw2);
     let gw3 = Gateway::start_with(&redis.url(), &cfg).await;
     let mut v = gw3.viewer("carol").await;
-    v.send(json!({"type":"add_to_cart","req":"c1","room":"y","sku":"z","qty":3}))
-        .await;
-    let again = v.reply_to("c1").await;
+    let again = cart(&mut v, "y", "z", "c1", 3).await;
     assert_eq!(again["code"], "conflict", "{again}");
     assert_eq!(gw3.app.inventory.available("z"), Some(3));
 }
@@ -492,25 +488,14 @@ async fn the_lua_baseline_mode_never_oversells_either() {
     assert_eq!(entries.len(), 50);
     // The baseline's entries have the core's layout: kind, reservation and the record
     // that P:reservations holds.
-    let mut redis_c = redis_conn(&redis.url()).await;
-    for e in &entries {
-        let id = e.get("reservation").expect("reservation field");
-        let record: String = redis_c
-            .hget(format!("{prefix}:reservations"), id)
-            .await
-            .expect("hget");
-        assert_eq!(e.get("record"), Some(&record), "{e:?}");
-        assert_eq!(e.len(), 3, "{e:?}");
-    }
+    entry_records(&redis.url(), &prefix, &entries).await;
     // A retry with the same req answers the same reservation here too.
     let (mut c, first) = replies
         .into_iter()
         .find(|(_, r)| r["type"] == "reserved")
         .expect("a reservation");
     let req = first["req"].as_str().expect("req").to_string();
-    c.send(json!({"type":"add_to_cart","req":req,"room":"lua","sku":"s","qty":1}))
-        .await;
-    let again = c.reply_to(&req).await;
+    let again = cart(&mut c, "lua", "s", &req, 1).await;
     assert_eq!(again["reservation"], first["reservation"], "{again}");
     let entries = stream_entries(&redis.url(), &prefix, "reserved").await;
     assert_eq!(entries.len(), 50, "a retry records nothing new");
@@ -675,9 +660,7 @@ async fn pipelined_carts_on_one_connection_are_all_answered_and_recorded() {
     let second = v.reply_to("dup").await;
     assert_eq!(first["type"], "reserved", "{first}");
     assert_eq!(second["reservation"], first["reservation"], "{second}");
-    v.send(json!({"type":"add_to_cart","req":"dup","room":"p","sku":"s","qty":1}))
-        .await;
-    let again = v.reply_to("dup").await;
+    let again = cart(&mut v, "p", "s", "dup", 1).await;
     assert_eq!(again["reservation"], first["reservation"], "{again}");
     assert_eq!(gw.app.inventory.available("s"), Some(959));
 }
@@ -764,15 +747,11 @@ async fn over_a_unix_socket_carts_and_releases_are_recorded() {
     let mut v = gw.viewer("unixer").await;
     let mut ids = Vec::new();
     for req in ["a", "b", "c"] {
-        v.send(json!({"type":"add_to_cart","req":req,"room":"u","sku":"s","qty":1}))
-            .await;
-        let r = v.reply_to(req).await;
+        let r = cart(&mut v, "u", "s", req, 1).await;
         assert_eq!(r["type"], "reserved", "{r}");
         ids.push(r["reservation"].as_str().expect("id").to_string());
     }
-    v.send(json!({"type":"add_to_cart","req":"a","room":"u","sku":"s","qty":1}))
-        .await;
-    let again = v.reply_to("a").await;
+    let again = cart(&mut v, "u", "s", "a", 1).await;
     assert_eq!(again["reservation"], ids[0].as_str(), "{again}");
     let released = v
         .request(json!({"type":"release","req":"r1","reservation":ids[1]}))
@@ -824,15 +803,11 @@ async fn a_late_transaction_is_settled_by_a_probe_that_runs_after_it() {
     .await;
     let _anchor = room_with_product(&gw, "late", "s", 10).await;
     let mut v = gw.viewer("late-buyer").await;
-    v.send(json!({"type":"add_to_cart","req":"first","room":"late","sku":"s","qty":1}))
-        .await;
-    let first = v.reply_to("first").await;
+    let first = cart(&mut v, "late", "s", "first", 1).await;
     assert_eq!(first["type"], "reserved", "{first}");
 
     proxy.hold_existing(Duration::from_secs(2));
-    v.send(json!({"type":"add_to_cart","req":"late","room":"late","sku":"s","qty":1}))
-        .await;
-    let late = v.reply_to("late").await;
+    let late = cart(&mut v, "late", "s", "late", 1).await;
     assert_eq!(late["type"], "error", "{late}");
     assert_eq!(late["code"], "unavailable", "{late}");
     // Held while unknown.
@@ -862,9 +837,7 @@ async fn a_late_transaction_is_settled_by_a_probe_that_runs_after_it() {
     assert!(settled);
     let mut confirmed = false;
     for _ in 0..50 {
-        v.send(json!({"type":"add_to_cart","req":"late","room":"late","sku":"s","qty":1}))
-            .await;
-        let again = v.reply_to("late").await;
+        let again = cart(&mut v, "late", "s", "late", 1).await;
         if again["type"] == "reserved" {
             confirmed = true;
             break;
@@ -896,13 +869,14 @@ async fn stalling_gateway(url: &str, room: &str) -> (Gateway, String, Client) {
     .await;
     let _anchor = room_with_product(&gw, room, "s", 10).await;
     let mut v = gw.viewer("stall-buyer").await;
-    let first = cart(&mut v, room, "first").await;
+    let first = cart(&mut v, room, "s", "first", 1).await;
     assert_eq!(first["type"], "reserved", "{first}");
     (gw, prefix, v)
 }
 
-async fn cart(v: &mut Client, room: &str, req: &str) -> Value {
-    v.send(json!({"type":"add_to_cart","req":req,"room":room,"sku":"s","qty":1}))
+/// Sends one add_to_cart and waits for its reply.
+async fn cart(v: &mut Client, room: &str, sku: &str, req: &str, qty: u32) -> Value {
+    v.send(json!({"type":"add_to_cart","req":req,"room":room,"sku":sku,"qty":qty}))
         .await;
     v.reply_to(req).await
 }
@@ -946,13 +920,13 @@ async fn a_stalled_redis_connection_is_fenced_off_and_replaced() {
 
     let held_at = std::time::Instant::now();
     proxy.hold_existing(Duration::from_secs(120));
-    let stuck = cart(&mut v, "stall", "stuck").await;
+    let stuck = cart(&mut v, "stall", "s", "stuck", 1).await;
     assert_eq!(stuck["code"], "unavailable", "{stuck}");
 
     // Served again while the old connection still hangs.
     let mut served = false;
     for i in 0..30 {
-        let r = cart(&mut v, "stall", &format!("after-{i}")).await;
+        let r = cart(&mut v, "stall", "s", &format!("after-{i}"), 1).await;
         if r["type"] == "reserved" {
             served = true;
             break;
@@ -1029,10 +1003,10 @@ async fn a_redis_user_without_client_kill_waits_for_a_stalled_connection() {
     let (gw, prefix, mut v) = stalling_gateway(&url, "acl").await;
 
     proxy.hold_existing(Duration::from_secs(120));
-    let stuck = cart(&mut v, "acl", "stuck").await;
+    let stuck = cart(&mut v, "acl", "s", "stuck", 1).await;
     assert_eq!(stuck["code"], "unavailable", "{stuck}");
     tokio::time::sleep(Duration::from_millis(2000)).await;
-    let waiting = cart(&mut v, "acl", "waiting").await;
+    let waiting = cart(&mut v, "acl", "s", "waiting", 1).await;
     assert_eq!(
         waiting["code"], "unavailable",
         "served past the stall limit over a connection it could not fence: {waiting}"
@@ -1041,7 +1015,7 @@ async fn a_redis_user_without_client_kill_waits_for_a_stalled_connection() {
     proxy.release();
     let mut served = false;
     for i in 0..30 {
-        let r = cart(&mut v, "acl", &format!("after-{i}")).await;
+        let r = cart(&mut v, "acl", "s", &format!("after-{i}"), 1).await;
         if r["type"] == "reserved" {
             served = true;
             break;
@@ -1078,17 +1052,13 @@ async fn a_refused_transaction_is_undone_at_once(unix: bool) {
     let mut v = gw.viewer("oom-buyer").await;
     let mut c = redis_conn(&redis.url()).await;
     set_maxmemory(&mut c, "1").await;
-    v.send(json!({"type":"add_to_cart","req":"x","room":"oom","sku":"s","qty":2}))
-        .await;
-    let r = v.reply_to("x").await;
+    let r = cart(&mut v, "oom", "s", "x", 2).await;
     assert_eq!(r["code"], "unavailable", "{r}");
     // Known not written: undone before the reply, not left to a probe.
     let counts = gw.app.inventory.counts("s").expect("product");
     assert_eq!((counts.available, counts.reserved), (10, 0), "{counts:?}");
     set_maxmemory(&mut c, "0").await;
-    v.send(json!({"type":"add_to_cart","req":"x","room":"oom","sku":"s","qty":2}))
-        .await;
-    let r = v.reply_to("x").await;
+    let r = cart(&mut v, "oom", "s", "x", 2).await;
     assert_eq!(r["type"], "reserved", "{r}");
     assert_eq!(gw.app.inventory.available("s"), Some(8));
 }
@@ -1119,7 +1089,7 @@ async fn a_fence_after_a_redis_restart_ends_nobody_else() {
     }
     let mut served = false;
     for i in 0..50 {
-        if cart(&mut v, "restart", &format!("again-{i}")).await["type"] == "reserved" {
+        if cart(&mut v, "restart", "s", &format!("again-{i}"), 1).await["type"] == "reserved" {
             served = true;
             break;
         }
@@ -1146,6 +1116,35 @@ fn pairs<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
     v.iter().map(|(k, s)| (*k, s.as_str())).collect()
 }
 
+/// A gateway with `cap_cfg`, room `p` selling SKU `s`, and alice's connection.
+struct CapSetup {
+    redis: RedisServer,
+    prefix: String,
+    cfg: Vec<(&'static str, String)>,
+    gw: Gateway,
+    anchor: Client,
+    v: Client,
+}
+
+impl CapSetup {
+    async fn start(stock: u64) -> CapSetup {
+        let redis = RedisServer::start();
+        let prefix = unique_prefix();
+        let cfg = cap_cfg(&prefix);
+        let gw = Gateway::start_with(&redis.url(), &pairs(&cfg)).await;
+        let anchor = room_with_product(&gw, "p", "s", stock).await;
+        let v = gw.viewer("alice").await;
+        CapSetup {
+            redis,
+            prefix,
+            cfg,
+            gw,
+            anchor,
+            v,
+        }
+    }
+}
+
 /// Stops `gw`, starts a fresh gateway with `cfg` on the same Redis, and sends alice's
 /// add_to_cart of `qty` units of SKU `s` in room `p` with each of `reqs` again; returns
 /// the new gateway and the replies.
@@ -1162,9 +1161,7 @@ async fn restart_and_retry(
     let mut v = gw2.viewer("alice").await;
     let mut replies = Vec::new();
     for req in reqs {
-        v.send(json!({"type":"add_to_cart","req":req,"room":"p","sku":"s","qty":qty}))
-            .await;
-        replies.push(v.reply_to(req).await);
+        replies.push(cart(&mut v, "p", "s", req, qty).await);
     }
     (gw2, replies)
 }
@@ -1176,12 +1173,14 @@ async fn restart_and_retry(
 /// (Found by review: with them first, the retry reserved a second time.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_reservation_keeps_its_idempotency_when_ended_records_exceed_the_cap() {
-    let redis = RedisServer::start();
-    let prefix = unique_prefix();
-    let cfg = cap_cfg(&prefix);
-    let gw = Gateway::start_with(&redis.url(), &pairs(&cfg)).await;
-    let _a = room_with_product(&gw, "p", "s", 100).await;
-    let mut v = gw.viewer("alice").await;
+    let CapSetup {
+        redis,
+        prefix: _,
+        cfg,
+        gw,
+        anchor: _anchor,
+        mut v,
+    } = CapSetup::start(100).await;
     for chunk in 0..10 {
         let reqs: Vec<String> = (0..100).map(|i| format!("old-{chunk}-{i}")).collect();
         send_carts(&mut v, &reqs).await;
@@ -1198,9 +1197,7 @@ async fn a_held_reservation_keeps_its_idempotency_when_ended_records_exceed_the_
         let released = replies_to(&mut v, &rels).await;
         assert!(released.values().all(|m| m["type"] == "released"));
     }
-    v.send(json!({"type":"add_to_cart","req":"keep","room":"p","sku":"s","qty":2}))
-        .await;
-    let kept = v.reply_to("keep").await;
+    let kept = cart(&mut v, "p", "s", "keep", 2).await;
     assert_eq!(kept["type"], "reserved", "{kept}");
     let (gw2, again) = restart_and_retry(gw, &redis.url(), &cfg, &["keep"], 2).await;
     assert_eq!(
@@ -1216,15 +1213,15 @@ async fn a_held_reservation_keeps_its_idempotency_when_ended_records_exceed_the_
 /// retry reserved anew, as documented). After a restart the held one must win.
 #[tokio::test]
 async fn a_held_reservation_wins_over_an_ended_record_of_the_same_key() {
-    let redis = RedisServer::start();
-    let prefix = unique_prefix();
-    let cfg = cap_cfg(&prefix);
-    let gw = Gateway::start_with(&redis.url(), &pairs(&cfg)).await;
-    let _a = room_with_product(&gw, "p", "s", 10).await;
-    let mut v = gw.viewer("alice").await;
-    v.send(json!({"type":"add_to_cart","req":"cart-1","room":"p","sku":"s","qty":1}))
-        .await;
-    let held = v.reply_to("cart-1").await;
+    let CapSetup {
+        redis,
+        prefix,
+        cfg,
+        gw,
+        anchor: _anchor,
+        mut v,
+    } = CapSetup::start(10).await;
+    let held = cart(&mut v, "p", "s", "cart-1", 1).await;
     assert_eq!(held["type"], "reserved", "{held}");
     // What release of an earlier reservation of the same key wrote (ended_idem).
     let now = livegate::metrics::unix_ms();
@@ -1249,17 +1246,17 @@ async fn a_held_reservation_wins_over_an_ended_record_of_the_same_key() {
 /// Checkout of two reservations: both retries are told they ended, after a restart.
 #[tokio::test]
 async fn a_checkout_of_two_reservations_records_both_ended() {
-    let redis = RedisServer::start();
-    let prefix = unique_prefix();
-    let cfg = cap_cfg(&prefix);
-    let gw = Gateway::start_with(&redis.url(), &pairs(&cfg)).await;
-    let _a = room_with_product(&gw, "p", "s", 10).await;
-    let mut v = gw.viewer("alice").await;
+    let CapSetup {
+        redis,
+        prefix: _,
+        cfg,
+        gw,
+        anchor: _anchor,
+        mut v,
+    } = CapSetup::start(10).await;
     let mut ids = Vec::new();
     for req in ["c-a", "c-b"] {
-        v.send(json!({"type":"add_to_cart","req":req,"room":"p","sku":"s","qty":1}))
-            .await;
-        let r = v.reply_to(req).await;
+        let r = cart(&mut v, "p", "s", req, 1).await;
         ids.push(r["reservation"].clone());
     }
     let order = v
