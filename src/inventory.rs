@@ -12,6 +12,7 @@
 //! checkout and batch finishes lock several shards, always in ascending index order. See
 //! docs/inventory.md for the contract and invariants.
 
+mod filter;
 mod idem;
 mod prefetch;
 mod shard;
@@ -31,7 +32,7 @@ use parking_lot::{Mutex, MutexGuard};
 
 use rustc_hash::{FxBuildHasher, FxHasher};
 
-use idem::IndexHint;
+use idem::FilterHint;
 use shard::{Entry, IdemKey, IdemRec, Product, Shard, State, UserUnits};
 
 pub use types::{
@@ -43,17 +44,27 @@ pub use types::{
 /// Most shards an `Inventory` uses (more would only cost memory).
 pub const MAX_SHARDS: usize = 4096;
 
+/// Entries of the product hint table (`Inventory::product_hints`).
+const PRODUCT_HINTS: usize = 1 << 14;
+
+/// The hint table entry of a SKU hash (bits neither the shard nor the product table uses
+/// first).
+fn hint_slot(sku_hash: u64) -> usize {
+    // Masked to the table's size, so the cast loses nothing that is used.
+    ((sku_hash >> 20) as usize) & (PRODUCT_HINTS - 1)
+}
+
 /// One shard on its own cache lines, so two cores locking neighbouring shards do not
-/// contend on the same line, with the hint of where its idempotency index is.
+/// contend on the same line, with the hint of where its idempotency filter is.
 #[repr(align(128))]
-struct Padded(Mutex<Shard>, IndexHint);
+struct Padded(Mutex<Shard>, FilterHint);
 
 impl Padded {
-    /// Hints that this shard's lock and fields (a few cache lines) will be used soon.
+    /// Hints that this shard's lock and fields (a few cache lines) will be written soon.
     fn prefetch(&self) {
         let at = (self as *const Padded).cast::<u8>();
         for line in 0..std::mem::size_of::<Padded>().div_ceil(64) {
-            prefetch::prefetch(at.wrapping_add(line * 64));
+            prefetch::prefetch_write(at.wrapping_add(line * 64));
         }
     }
 }
@@ -78,6 +89,12 @@ pub struct Inventory {
     /// Set while a sweep counts the idempotency records, so two overlapping sweeps do not
     /// both trim the same excess.
     trimming: AtomicBool,
+    /// Where the product of a SKU hash probably is (by `hint_slot`; 0 = unknown), so that
+    /// `reserve` can start loading its line before it takes the lock and looks it up. Only
+    /// ever prefetched, never dereferenced: an entry that is stale (its shard's product list
+    /// grew and moved) or belongs to another SKU of the same slot wastes one fetch. Written
+    /// when products are added (rare), read on every reserve: shared by both cores' caches.
+    product_hints: Box<[AtomicUsize]>,
 }
 
 /// Writes each part as a length byte and its bytes; `None` if a part is over 64 bytes.
@@ -154,7 +171,7 @@ impl Inventory {
     pub fn new(cfg: InventoryConfig) -> Inventory {
         let n = cfg.shards.clamp(1, MAX_SHARDS);
         let shards = (0..n)
-            .map(|i| Padded(Mutex::new(Shard::new(i, n)), IndexHint::default()))
+            .map(|i| Padded(Mutex::new(Shard::new(i, n)), FilterHint::default()))
             .collect();
         Inventory {
             shards,
@@ -168,6 +185,16 @@ impl Inventory {
             restored_any: AtomicBool::new(false),
             sweep_cursor: AtomicUsize::new(0),
             trimming: AtomicBool::new(false),
+            product_hints: (0..PRODUCT_HINTS).map(|_| AtomicUsize::new(0)).collect(),
+        }
+    }
+
+    /// Records where each of a shard's products is (after products were added to it).
+    fn note_products(&self, s: &Shard) {
+        for (hash, addr) in s.products.places() {
+            if let Some(h) = self.product_hints.get(hint_slot(hash)) {
+                h.store(addr, Ordering::Relaxed);
+            }
         }
     }
 
@@ -254,13 +281,16 @@ impl Inventory {
             return Err(InvError::InvalidQty);
         }
         let hash = shard::sku_hash(&r.sku);
+        if let Some(h) = self.product_hints.get(hint_slot(hash)) {
+            prefetch::prefetch_write(h.load(Ordering::Relaxed) as *const u8);
+        }
         let slot = &self.shards[reduce(hash, self.shards.len())];
         // The shard's lock and fields were last touched by whichever core served this shard
         // before: start fetching them, then hash the key while they travel.
         slot.prefetch();
         let key = self.idem_key(&r.user, &r.req, &r.sku);
-        // The index slot of a new key is usually a cache miss: start loading it before the
-        // lock, so the miss overlaps the lock and the product lookup.
+        // The key's word in the idempotency filter was likely last written by the other
+        // core: start loading it before the lock, so it overlaps the lock and the product.
         slot.1.prefetch(key.key);
         let mut g = lock(slot);
         let out = g.reserve(r, hash, key, self.epoch, self.idem_cap);
@@ -467,6 +497,7 @@ impl Inventory {
         let p = Product::new(spec, initial_stock.unwrap_or(0));
         let counts = p.counts();
         s.products.insert(Arc::from(sku), p);
+        self.note_products(&s);
         Ok((true, counts))
     }
 
@@ -579,6 +610,7 @@ impl Inventory {
                 Entry {
                     res: ResHandle::new(res, State::Held as u8),
                     idem,
+                    idem_seq: idem::UNKNOWN_SEQ,
                     product,
                     wheel,
                 },
@@ -618,6 +650,7 @@ impl Inventory {
         }
         for g in guards.iter_mut() {
             g.raise_floor(floor);
+            self.note_products(g);
         }
         self.fresh_floor.store(floor, Ordering::Release);
         self.restored_any

@@ -1,22 +1,27 @@
 //! A shard's idempotency records: a FIFO ring of records in the order they were made, and
 //! a small open-addressing index from the record's key (a keyed 64-bit hash of
-//! (user, req, sku), see `shard::IdemKey`) to its place in the ring.
+//! (user, req, sku), see `shard::IdemKey`) to its place in the ring, behind a cache-resident
+//! filter (`filter.rs`) and a short list of records staged for the index.
 //!
 //! Built for the reserve hot path over a window of many records: a new record is written
 //! at the ring's head (sequential memory), the oldest is dropped from its tail, and the
-//! index costs 8 bytes per slot (linear probing). Dropping the oldest record does not touch
+//! index costs 8 bytes per slot (linear probing). Over a large window the index is mostly
+//! out of cache, so the reserve path does not touch it: a lookup asks the filter first (a
+//! new key, nearly every reserve, is answered there), and a new record's index entry is
+//! *staged* in a short list that a lookup also reads; every `STAGE` records the list is
+//! merged into the index with all its slots prefetched at once, so their misses overlap
+//! instead of stalling one reserve each. Dropping the oldest record does not touch
 //! the index: its entry goes *stale* (it points below the ring's tail, which a lookup sees
 //! from the entry alone) and is reused by a later insert that probes past it, or cleared by
-//! a rebuild when live and stale entries fill three quarters of the index. So a reserve
-//! touches one random cache line of the window (the lookup; the insert probes the same run)
-//! instead of two. Same policy as a map plus a FIFO: records live until the TTL prune or
+//! a sweep or a rebuild. Same policy as a map plus a FIFO: records live until the TTL prune or
 //! until `cap` newer ones were made (the oldest go first), a key made again replaces the
 //! older record, and `remove` forgets one at once (an aborted reserve, backward-shift
 //! deletion).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::prefetch::prefetch;
+use super::filter::{self, Filter, MAX_GENS};
+use super::prefetch::{prefetch, prefetch_write};
 use super::shard::IdemRec;
 use super::types::ResId;
 
@@ -59,7 +64,26 @@ pub(crate) struct IdemTable {
     clean_at: usize,
     /// Inserts since the last `clean_pending`.
     unswept: usize,
+    /// Entries (same form as the index's) of records not yet in the index, oldest first, at
+    /// most `STAGE`; an entry whose record left the ring is skipped when they are merged.
+    staged: Vec<u64>,
+    /// Says "no record" for nearly every key that has none, without the index.
+    filter: Filter,
 }
+
+/// Where a key's entry is.
+#[derive(Clone, Copy)]
+enum Found {
+    Index(usize),
+    Staged(usize),
+}
+
+/// Records staged before they are merged into the index together (their index lines are
+/// fetched in parallel; a lookup that passes the filter reads this list too).
+const STAGE: usize = 64;
+
+/// The sequence number of a record whose place is not known (`end` then looks it up).
+pub(crate) const UNKNOWN_SEQ: u64 = u64::MAX;
 
 /// Index slots `clean_pending` looks at per insert since the last sweep.
 const CLEAN_PER_INSERT: usize = 4;
@@ -79,6 +103,8 @@ impl IdemTable {
             used: 0,
             clean_at: 0,
             unswept: 0,
+            staged: Vec::with_capacity(STAGE),
+            filter: Filter::default(),
         }
     }
 
@@ -99,12 +125,19 @@ impl IdemTable {
         ((entry as u32).wrapping_sub(self.base as u32)) as usize
     }
 
-    /// Where the index is (address and mask), for `IndexHint`.
+    /// Where the filter's newest generation is (address and mask), for `FilterHint`.
     pub(crate) fn layout(&self) -> (usize, usize) {
-        (self.index.as_ptr() as usize, self.mask())
+        self.filter.layout()
     }
 
-    /// Index slot of `key`'s entry, if it has one.
+    /// Whether entry `e` (tag already matched) points to the live record of `key`.
+    fn holds(&self, e: u64, key: u64) -> bool {
+        self.ring
+            .get(self.ring_pos(e))
+            .is_some_and(|s| s.live && s.key == key)
+    }
+
+    /// Index slot of `key`'s entry, if the index has one.
     fn find(&self, key: u64) -> Option<usize> {
         let t = tag(key);
         let mut i = self.home(t);
@@ -113,27 +146,48 @@ impl IdemTable {
             if e == 0 {
                 return None;
             }
-            if e >> 32 == t {
-                let p = self.ring_pos(e);
-                if self.ring.get(p).is_some_and(|s| s.live && s.key == key) {
-                    return Some(i);
-                }
+            if e >> 32 == t && self.holds(e, key) {
+                return Some(i);
             }
             i = (i + 1) & self.mask();
         }
     }
 
+    /// Where `key`'s entry is: nowhere if the filter says so, else staged or in the index.
+    fn lookup(&self, key: u64) -> Option<Found> {
+        if !self.filter.may_contain(key) {
+            return None;
+        }
+        let t = tag(key);
+        if let Some(j) = self
+            .staged
+            .iter()
+            .position(|&e| e >> 32 == t && self.holds(e, key))
+        {
+            return Some(Found::Staged(j));
+        }
+        self.find(key).map(Found::Index)
+    }
+
+    fn entry_at(&self, f: Found) -> u64 {
+        match f {
+            Found::Index(i) => self.index[i],
+            Found::Staged(j) => self.staged.get(j).copied().unwrap_or(0),
+        }
+    }
+
     /// The live record of `key`.
     pub(crate) fn get(&self, key: u64) -> Option<&IdemRec> {
-        let i = self.find(key)?;
-        let p = self.ring_pos(self.index[i]);
-        self.ring.get(p).map(|s| &s.rec)
+        let f = self.lookup(key)?;
+        self.ring
+            .get(self.ring_pos(self.entry_at(f)))
+            .map(|s| &s.rec)
     }
 
     /// The live record of `key`, to change.
     pub(crate) fn get_mut(&mut self, key: u64) -> Option<&mut IdemRec> {
-        let i = self.find(key)?;
-        let p = self.ring_pos(self.index[i]);
+        let f = self.lookup(key)?;
+        let p = self.ring_pos(self.entry_at(f));
         self.ring.get_mut(p).map(|s| &mut s.rec)
     }
 
@@ -142,26 +196,60 @@ impl IdemTable {
     pub(crate) fn insert(&mut self, key: u64, rec: IdemRec, at: u64, cap: usize) {
         self.make_room(cap);
         let entry = self.entry_for(key);
-        match self.find(key) {
-            Some(i) => {
-                let old = self.ring_pos(self.index[i]);
+        match self.lookup(key) {
+            Some(f) => {
+                let old = self.ring_pos(self.entry_at(f));
                 if let Some(s) = self.ring.get_mut(old) {
                     s.live = false;
                 }
-                self.index[i] = entry;
+                match f {
+                    Found::Index(i) => self.index[i] = entry,
+                    Found::Staged(j) => {
+                        if let Some(e) = self.staged.get_mut(j) {
+                            *e = entry;
+                        }
+                    }
+                }
             }
-            None => self.place(entry),
+            None => self.stage(entry),
         }
         self.push(key, rec, at);
     }
 
     /// Adds a record made at `at` for a `key` that has none (the caller just saw `get`
     /// answer `None` under the same lock): like `insert`, without looking for an old one.
-    pub(crate) fn insert_new(&mut self, key: u64, rec: IdemRec, at: u64, cap: usize) {
+    /// Returns the record's sequence number, for `end`.
+    pub(crate) fn insert_new(&mut self, key: u64, rec: IdemRec, at: u64, cap: usize) -> u64 {
         self.make_room(cap);
         let entry = self.entry_for(key);
-        self.place(entry);
+        let seq = self.base + self.ring.len() as u64;
+        self.stage(entry);
         self.push(key, rec, at);
+        seq
+    }
+
+    /// Marks the live record of `key` ended if it is reservation `id`'s. `seq` is where
+    /// `insert_new` put it (`UNKNOWN_SEQ` if not known: a restored reservation): the record
+    /// is then read straight from the ring, with no lookup. A record that left the ring or
+    /// was replaced is not `id`'s live record any more, so there is nothing to mark.
+    pub(crate) fn end(&mut self, seq: u64, key: u64, id: ResId) {
+        if seq == UNKNOWN_SEQ {
+            if let Some(rec) = self.get_mut(key).filter(|r| r.id == id) {
+                rec.ended = true;
+            }
+            return;
+        }
+        let Some(p) = seq
+            .checked_sub(self.base)
+            .and_then(|p| usize::try_from(p).ok())
+        else {
+            return;
+        };
+        if let Some(s) = self.ring.get_mut(p) {
+            if s.live && s.key == key && s.rec.id == id {
+                s.rec.ended = true;
+            }
+        }
     }
 
     /// Before an insert: drops the oldest records down to `cap - 1`, then grows the index
@@ -177,9 +265,34 @@ impl IdemTable {
         }
         if (self.ring.len() + 1) * 4 > self.index.len() {
             self.rebuild(self.index.len() * 2);
-        } else if (self.used + 1) * 4 > self.index.len() * 3 {
+        } else if (self.used + self.staged.len() + 1) * 4 > self.index.len() * 3 {
             self.rebuild(self.index.len());
         }
+    }
+
+    /// Stages a new record's index entry, first merging the staged ones if `STAGE` are.
+    fn stage(&mut self, entry: u64) {
+        if self.staged.len() >= STAGE {
+            self.merge_staged();
+        }
+        self.staged.push(entry);
+    }
+
+    /// Puts the staged entries into the index: first asks for every home slot's line, then
+    /// places them (so the misses overlap). Entries whose record left the ring are dropped.
+    fn merge_staged(&mut self) {
+        let index = self.index.as_ptr();
+        for &e in &self.staged {
+            prefetch(index.wrapping_add(self.home(e >> 32)));
+        }
+        let staged = std::mem::take(&mut self.staged);
+        for &e in &staged {
+            if !self.stale(e) {
+                self.place(e);
+            }
+        }
+        self.staged = staged;
+        self.staged.clear();
     }
 
     /// The index entry of a record of `key` about to be pushed at the ring's head.
@@ -213,6 +326,10 @@ impl IdemTable {
     }
 
     fn push(&mut self, key: u64, rec: IdemRec, at: u64) {
+        if self.filter.full() {
+            self.open_generation();
+        }
+        self.filter.add(key);
         self.ring.push_back(Slot {
             key,
             at,
@@ -263,25 +380,53 @@ impl IdemTable {
         }
     }
 
+    /// Opens the filter generation the next record goes into, sized for half the records
+    /// in the ring; with `MAX_GENS` live, starts over with one generation holding the live
+    /// records, sized for twice their count.
+    fn open_generation(&mut self) {
+        let next = self.base + self.ring.len() as u64;
+        if self.filter.gens() < MAX_GENS {
+            self.filter.open(next, self.ring.len() / 2);
+            return;
+        }
+        self.refill_filter(self.ring.len() * 2);
+    }
+
+    /// One filter generation from the ring's oldest record on, holding the live records.
+    fn refill_filter(&mut self, records: usize) {
+        self.filter.clear();
+        self.filter.open(self.base, records);
+        for s in self.ring.iter().filter(|s| s.live) {
+            self.filter.add(s.key);
+        }
+    }
+
     /// Forgets `key`'s record if it is the one of reservation `id`.
     pub(crate) fn remove(&mut self, key: u64, id: ResId) {
-        let Some(i) = self.find(key) else {
+        let Some(f) = self.lookup(key) else {
             return;
         };
-        let p = self.ring_pos(self.index[i]);
+        let p = self.ring_pos(self.entry_at(f));
         if let Some(s) = self.ring.get_mut(p) {
             if s.rec.id != id {
                 return;
             }
             s.live = false;
         }
-        self.delete_at(i);
+        match f {
+            Found::Index(i) => self.delete_at(i),
+            Found::Staged(j) => {
+                self.staged.swap_remove(j);
+            }
+        }
     }
 
-    /// Drops the oldest record. Its index entry (if any) is stale from now on.
+    /// Drops the oldest record. Its index or staged entry (if any) is stale from now on,
+    /// and a filter generation none of whose records is left goes.
     fn pop(&mut self) {
         if self.ring.drop_front() {
             self.base += 1;
+            self.filter.retire(self.base);
         }
     }
 
@@ -322,6 +467,7 @@ impl IdemTable {
             self.ring.reshape((len * 2).next_power_of_two().max(16));
         }
         self.rebuild(((len + 1) * 4).next_power_of_two().max(MIN_INDEX));
+        self.refill_filter(len * 2);
     }
 
     /// Live records, oldest first.
@@ -355,8 +501,10 @@ impl IdemTable {
         self.used -= 1;
     }
 
-    /// Makes an index of `len` slots holding exactly the live records (no stale entries).
+    /// Makes an index of `len` slots holding exactly the live records (no stale entries,
+    /// nothing staged).
     fn rebuild(&mut self, len: usize) {
+        self.staged.clear();
         let len = len.max(MIN_INDEX);
         if self.index.len() == len {
             self.index.fill(0);
@@ -466,18 +614,18 @@ impl Ring {
     }
 }
 
-/// Where a shard's idempotency index was when its lock was last released, kept beside the
-/// lock so `reserve` can start loading the index slot of its key *before* taking the lock:
-/// the miss then overlaps the lock and the product lookup. Read without the lock, so it may
-/// be stale (the index grew or was rebuilt meanwhile): a prefetch of a stale address only
-/// wastes one memory fetch, it is never dereferenced.
+/// Where a shard's newest filter generation was when its lock was last released, kept
+/// beside the lock so `reserve` can start loading the filter word of its key *before*
+/// taking the lock (the word was usually last written by whichever core served the shard
+/// before). Read without the lock, so it may be stale (a generation opened meanwhile): a
+/// prefetch of a stale address only wastes one memory fetch, it is never dereferenced.
 #[derive(Default)]
-pub(crate) struct IndexHint {
+pub(crate) struct FilterHint {
     addr: AtomicUsize,
     mask: AtomicUsize,
 }
 
-impl IndexHint {
+impl FilterHint {
     /// Records `t`'s layout (call with the shard locked, after changing it).
     pub(crate) fn note(&self, t: &IdemTable) {
         let (addr, mask) = t.layout();
@@ -487,14 +635,14 @@ impl IndexHint {
         }
     }
 
-    /// Starts loading the index slot where a lookup of `key` begins.
+    /// Starts loading the filter word a lookup of `key` reads in the newest generation.
     pub(crate) fn prefetch(&self, key: u64) {
         let addr = self.addr.load(Ordering::Relaxed);
         if addr == 0 {
             return;
         }
-        let home = ((tag(key) >> 1) as usize) & self.mask.load(Ordering::Relaxed);
-        prefetch(addr.wrapping_add(home.wrapping_mul(8)) as *const u64);
+        let mask = self.mask.load(Ordering::Relaxed);
+        prefetch_write(filter::word_of(addr, mask, key) as *const u64);
     }
 }
 
@@ -505,8 +653,25 @@ impl IdemTable {
         (self.ring.capacity(), self.index.len(), self.used)
     }
 
-    /// Walks the whole index once, as `clean_pending` does past its threshold.
+    /// Filter generations live.
+    pub(crate) fn filter_gens(&self) -> usize {
+        self.filter.gens()
+    }
+
+    /// Words in all filter generations.
+    pub(crate) fn filter_words(&self) -> usize {
+        self.filter.words()
+    }
+
+    /// Whether the filter lets a lookup of `key` through to the staged list and the index.
+    pub(crate) fn filter_passes(&self, key: u64) -> bool {
+        self.filter.may_contain(key)
+    }
+
+    /// Merges the staged entries, then walks the whole index once, as `clean_pending` does
+    /// past its threshold.
     pub(crate) fn clean_all(&mut self) {
+        self.merge_staged();
         self.clean_some(self.index.len());
     }
 }

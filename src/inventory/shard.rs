@@ -90,6 +90,9 @@ pub(crate) struct Entry {
     pub res: ResHandle,
     /// The key of its idempotency record.
     pub idem: IdemKey,
+    /// Where that record is in the shard's idempotency ring (`idem::UNKNOWN_SEQ` for a
+    /// restored reservation), so ending the reservation marks it without a lookup.
+    pub idem_seq: u64,
     /// Its product's index in the shard's `Products`.
     pub product: u32,
     /// Its place in the expiry wheel: `Some` exactly while Pending or Held.
@@ -114,15 +117,18 @@ pub(crate) struct UserUnits {
     pub bought: u64,
 }
 
+/// A product's counts and spec. `repr(C)`: the fields a reserve and a release read come
+/// first, so that with the inline SKU before them (`ProductSlot`) they share one cache line.
+#[repr(C)]
 pub(crate) struct Product {
-    pub spec: ProductSpec,
-    pub stocked: u64,
     pub available: u64,
     pub reserved: u64,
-    pub sold: u64,
     /// Units owed after a restore found `stocked - sold - held < 0` (normally 0); units that
     /// come back pay this off before they become available.
     pub deficit: u64,
+    pub spec: ProductSpec,
+    pub stocked: u64,
+    pub sold: u64,
     pub users: FxHashMap<Arc<str>, UserUnits>,
 }
 
@@ -231,13 +237,61 @@ fn table_hash(sku_hash: u64) -> u64 {
     sku_hash.rotate_left(32)
 }
 
-/// A product and what finds it.
+/// Longest SKU kept inline in its product's first cache line.
+const INLINE_SKU: usize = 23;
+
+/// A SKU's bytes inline when it is at most `INLINE_SKU` long (`len` is then its length, the
+/// rest zero); else `len` is `u8::MAX` and the lookup compares the hash and the `Arc`'s bytes.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct InlineSku {
+    len: u8,
+    bytes: [u8; INLINE_SKU],
+}
+
+impl InlineSku {
+    fn of(sku: &str) -> InlineSku {
+        let mut bytes = [0u8; INLINE_SKU];
+        match bytes.get_mut(..sku.len()) {
+            Some(dst) => {
+                dst.copy_from_slice(sku.as_bytes());
+                // At most INLINE_SKU (23), so it fits a u8.
+                InlineSku {
+                    len: sku.len() as u8,
+                    bytes,
+                }
+            }
+            None => InlineSku {
+                len: u8::MAX,
+                bytes,
+            },
+        }
+    }
+}
+
+/// A product and what finds it. `repr(C)` and aligned to a cache line: the inline SKU and
+/// the product's counts and spec (what a reserve reads) are its first 64 bytes, so finding
+/// a product and taking units from it is one cache line (over many SKUs usually a miss, and
+/// often a line the other core wrote last), not three (the slot's hash, the counts and the
+/// `Arc`'s bytes, as before).
+#[repr(C, align(64))]
 pub(crate) struct ProductSlot {
-    /// `sku_hash(sku)`, compared before the string (it sits on the same cache line as the
-    /// counts the lookup is for, the string's bytes do not).
+    inline: InlineSku,
+    product: Product,
+    /// `sku_hash(sku)`, compared before the string when the SKU is too long to be inline.
     hash: u64,
     sku: Arc<str>,
-    product: Product,
+}
+
+impl ProductSlot {
+    /// Whether this is the product of `sku`, whose `sku_hash` is `hash`.
+    fn is(&self, hash: u64, sku: &str) -> bool {
+        let len = usize::from(self.inline.len);
+        if len <= INLINE_SKU {
+            return self.inline.bytes.get(..len) == Some(sku.as_bytes());
+        }
+        self.hash == hash && *self.sku == *sku
+    }
 }
 
 /// A shard's products: a `Vec` (so a reservation can name its product by index and the
@@ -257,8 +311,7 @@ impl Products {
         let list = &self.list;
         self.index
             .find(table_hash(hash), |&i| {
-                list.get(i as usize)
-                    .is_some_and(|s| s.hash == hash && *s.sku == *sku)
+                list.get(i as usize).is_some_and(|s| s.is(hash, sku))
             })
             .copied()
     }
@@ -308,6 +361,7 @@ impl Products {
             list.get(j as usize).map_or(0, |s| table_hash(s.hash))
         });
         self.list.push(ProductSlot {
+            inline: InlineSku::of(&sku),
             hash,
             sku,
             product: p,
@@ -317,6 +371,13 @@ impl Products {
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &Product)> {
         self.list.iter().map(|s| (&s.sku, &s.product))
+    }
+
+    /// Each product's SKU hash and the address of its slot (for prefetch hints only).
+    pub(crate) fn places(&self) -> impl Iterator<Item = (u64, usize)> + '_ {
+        self.list
+            .iter()
+            .map(|s| (s.hash, s as *const ProductSlot as usize))
     }
 
     pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = (&Arc<str>, &mut Product)> {
@@ -458,22 +519,23 @@ impl Shard {
         // Pending ones are in the wheel too: `confirm` makes them Held without the
         // lock, so it cannot insert them; a sweep passes over a due Pending one.
         let wheel = Some(self.wheel.insert(expires_at, id.0));
-        self.reservations.insert(
-            id.0,
-            Entry {
-                res,
-                idem: idem_key,
-                product: pidx,
-                wheel,
-            },
-        );
         let rec = IdemRec {
             id,
             check: idem_key.check,
             ended: false,
         };
         // `get` found no record of this key above, and nothing since added one.
-        self.idem.insert_new(idem_key.key, rec, r.now, idem_cap);
+        let idem_seq = self.idem.insert_new(idem_key.key, rec, r.now, idem_cap);
+        self.reservations.insert(
+            id.0,
+            Entry {
+                res,
+                idem: idem_key,
+                idem_seq,
+                product: pidx,
+                wheel,
+            },
+        );
         Ok(ReserveOutcome::New(out))
     }
 
@@ -616,11 +678,7 @@ impl Shard {
                 p.give_back(&e.res.user, qty);
             }
         }
-        if let Some(rec) = self.idem.get_mut(e.idem.key) {
-            if rec.id == id {
-                rec.ended = true;
-            }
-        }
+        self.idem.end(e.idem_seq, e.idem.key, id);
         Ok(())
     }
 
@@ -719,4 +777,49 @@ fn alloc_id(next_k: &mut u64, index: u64, nshards: u64, epoch: u32) -> Result<Re
 /// conflict rather than guessed at.
 fn collision() -> InvError {
     InvError::Conflict("idempotency key collision; use another req".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(sku: &str) -> ProductSlot {
+        let spec = ProductSpec {
+            price_cents: 1,
+            limit_per_user: 0,
+            ttl_s: 1,
+        };
+        ProductSlot {
+            inline: InlineSku::of(sku),
+            product: Product::new(spec, 1),
+            hash: sku_hash(sku),
+            sku: Arc::from(sku),
+        }
+    }
+
+    /// A lookup compares the SKU in full: inline ones by length and bytes, long ones by hash
+    /// and bytes (here called directly, as on a table tag collision, which the hash of
+    /// real SKUs makes too rare to meet in a test through the table).
+    #[test]
+    fn a_product_slot_matches_its_own_sku_only() {
+        let is = |slot: &ProductSlot, q: &str| slot.is(sku_hash(q), q);
+        let ab = slot("ab");
+        assert!(is(&ab, "ab"));
+        for q in ["", "a", "abc", "ab\0", "ba"] {
+            assert!(!is(&ab, q), "{q:?}");
+        }
+        let s23 = slot("abcdefghijklmnopqrstuvw");
+        assert!(is(&s23, "abcdefghijklmnopqrstuvw"));
+        assert!(!is(&s23, "abcdefghijklmnopqrstuvwx"));
+        assert!(!is(&s23, "abcdefghijklmnopqrstuv"));
+        let s24 = slot("abcdefghijklmnopqrstuvwx");
+        assert!(is(&s24, "abcdefghijklmnopqrstuvwx"));
+        assert!(!is(&s24, "abcdefghijklmnopqrstuvwy"));
+        assert!(!is(&s24, "abcdefghijklmnopqrstuvw"));
+        // Same hash given, other bytes: still no.
+        assert!(!s24.is(
+            sku_hash("abcdefghijklmnopqrstuvwx"),
+            "abcdefghijklmnopqrstuvwy"
+        ));
+    }
 }

@@ -888,7 +888,7 @@ fn expiry_wheel_edges() {
 /// evictions.
 #[test]
 fn idem_table_matches_map_and_fifo() {
-    use super::idem::IdemTable;
+    use super::idem::{IdemTable, UNKNOWN_SEQ};
     use super::shard::IdemRec;
     use std::collections::{HashMap, VecDeque};
 
@@ -902,6 +902,8 @@ fn idem_table_matches_map_and_fifo() {
     for cap in [1usize, 7, 64, 300] {
         let mut t = IdemTable::new();
         let mut map: HashMap<u64, (ResId, bool)> = HashMap::new();
+        // Where `insert_new` put each id's record.
+        let mut seqs: HashMap<ResId, (u64, u64)> = HashMap::new();
         let mut fifo: VecDeque<(u64, u64, ResId)> = VecDeque::new();
         let pop = |map: &mut HashMap<u64, (ResId, bool)>,
                    fifo: &mut VecDeque<(u64, u64, ResId)>| {
@@ -915,7 +917,7 @@ fn idem_table_matches_map_and_fifo() {
         for step in 0..3_000u64 {
             // Few distinct high halves: many keys share a home and a probe run.
             let key = ((next() % 24) << 33) | (next() % 40);
-            match next() % 10 {
+            match next() % 11 {
                 0..=5 => {
                     let id = ResId(step);
                     let rec = IdemRec {
@@ -925,7 +927,8 @@ fn idem_table_matches_map_and_fifo() {
                     };
                     // The reserve path uses `insert_new` when `get` found nothing.
                     if t.get(key).is_none() {
-                        t.insert_new(key, rec, now, cap);
+                        let seq = t.insert_new(key, rec, now, cap);
+                        seqs.insert(id, (key, seq));
                     } else {
                         t.insert(key, rec, now, cap);
                     }
@@ -949,6 +952,17 @@ fn idem_table_matches_map_and_fifo() {
                         r.1 = true;
                     }
                 }
+                9 => {
+                    // A reservation ends: marked by the place `insert_new` gave (or, for
+                    // one made by `insert`, by lookup), whether or not its record is
+                    // still the key's live one. Some earlier id, so some have left.
+                    let id = ResId(next() % (step + 1));
+                    let (k, seq) = seqs.get(&id).copied().unwrap_or((key, UNKNOWN_SEQ));
+                    t.end(seq, k, id);
+                    if let Some(r) = map.get_mut(&k).filter(|r| r.0 == id) {
+                        r.1 = true;
+                    }
+                }
                 8 => {
                     now += next() % 50;
                     t.prune(now, 200);
@@ -968,4 +982,103 @@ fn idem_table_matches_map_and_fifo() {
             assert_eq!(t.records().count(), map.len());
         }
     }
+}
+
+/// SKUs up to 23 bytes are compared inline in the product's first cache line, longer ones
+/// by hash and bytes: SKUs at both sides of that length, prefixes of each other and long
+/// ones differing only in their last byte each find their own product, and none finds a
+/// product it only resembles.
+#[test]
+fn skus_inline_and_long_find_their_own_product() {
+    let inv = Inventory::new(InventoryConfig {
+        shards: 1,
+        ..InventoryConfig::default()
+    });
+    let long = "x".repeat(63);
+    let skus = [
+        "a".to_string(),
+        "ab".to_string(),
+        "abcdefghijklmnopqrstuvw".to_string(),  // 23: inline
+        "abcdefghijklmnopqrstuvwx".to_string(), // 24: not inline
+        "abcdefghijklmnopqrstuvwy".to_string(),
+        format!("{long}1"),
+        format!("{long}2"),
+    ];
+    for (i, sku) in skus.iter().enumerate() {
+        inv.upsert(sku, SPEC, Some(100 + i as u64)).expect("create");
+    }
+    for (i, sku) in skus.iter().enumerate() {
+        new_res(&inv, "u", "q", sku, i as u32 + 1, 0);
+    }
+    for (i, sku) in skus.iter().enumerate() {
+        let i = i as u64;
+        assert_eq!(counts(&inv, sku), (100 + i, 99, i + 1, 0), "{sku}");
+    }
+    for unknown in [
+        "",
+        "abc",
+        "abcdefghijklmnopqrstuv",
+        &long,
+        &format!("{long}3"),
+    ] {
+        assert_eq!(
+            inv.reserve(req("u", "q", unknown, 1, 0)),
+            Err(InvError::UnknownSku),
+            "{unknown:?}"
+        );
+    }
+}
+
+/// The idempotency filter never hides a record still in the ring (over far more records
+/// than its generations hold, with the ring growing, at its cap and shrinking), answers
+/// most new keys itself, and stays small.
+#[test]
+fn idem_filter_never_hides_a_live_record() {
+    use super::filter::MAX_GENS;
+    use super::idem::IdemTable;
+    use super::shard::IdemRec;
+    let rec = |i: u64| IdemRec {
+        id: ResId(i),
+        check: i,
+        ended: false,
+    };
+    let key = |i: u64| i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5555;
+    let cap = 5000;
+    let mut t = IdemTable::new();
+    let mut newest = 0u64;
+    for round in 0..6u64 {
+        for i in newest..newest + 4000 {
+            t.insert_new(key(i), rec(i), i, cap);
+            assert!(t.filter_gens() <= MAX_GENS, "record {i}");
+        }
+        newest += 4000;
+        // Every record in the ring is found; the one before the oldest is not.
+        let oldest = newest.saturating_sub(cap as u64);
+        for i in oldest..newest {
+            assert_eq!(t.get(key(i)).map(|r| r.id), Some(ResId(i)), "round {round}");
+        }
+        if oldest > 0 {
+            assert!(t.get(key(oldest - 1)).is_none());
+        }
+        // Keys never made: the filter answers nearly all of them alone.
+        let passed = (0..10_000u64)
+            .filter(|&i| t.filter_passes(key(1 << 40 | i)))
+            .count();
+        assert!(
+            passed < 1_000,
+            "round {round}: {passed} of 10,000 new keys passed"
+        );
+        // At most 32 bits per record the ring can hold.
+        assert!(t.filter_words() * 64 <= 32 * cap, "{}", t.filter_words());
+        // What a sweep does.
+        t.clean_pending();
+    }
+    // A sweep after most records expired shrinks the filter too, keeping the rest.
+    t.prune(newest - 10, 0);
+    t.shrink_if_sparse();
+    assert!(t.filter_words() <= 64, "{}", t.filter_words());
+    for i in newest - 9..newest {
+        assert!(t.get(key(i)).is_some());
+    }
+    assert!(t.get(key(newest - 11)).is_none());
 }
