@@ -15,6 +15,11 @@ use livegate::inventory::{
     Inventory, InventoryConfig, ProductSpec, ReserveOutcome, ReserveRequest,
 };
 
+/// The allocator the `livegate` binary runs the core with (src/main.rs): the per-reservation
+/// handle is one allocation and one free per cycle, so the allocator is part of the cost.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const SKUS: usize = 10_000;
 const USERS_PER_THREAD: usize = 1024;
 const REQS: usize = 1 << 16;
@@ -335,8 +340,16 @@ fn fixed_run() -> bool {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1usize)
         .clamp(1, 2);
+    let window = std::env::var("INV_WINDOW")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(4096 * 64);
+    let shards = std::env::var("INV_SHARDS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(64);
     let keys = Keys::new(2);
-    let inv = sharded(&keys, 64, 4096 * 64);
+    let inv = sharded(&keys, shards, window);
     let mut base = 0u64;
     let d = run(&inv, &keys, threads, hot, n, &mut base);
     let rate = |t: Duration| n as f64 / t.as_secs_f64().max(1e-9) / 1e6;
