@@ -189,12 +189,16 @@ impl Inventory {
         }
     }
 
-    /// Records where each of a shard's products is (after products were added to it).
+    /// Records where each of a shard's products is (after a restore).
     fn note_products(&self, s: &Shard) {
         for (hash, addr) in s.products.places() {
-            if let Some(h) = self.product_hints.get(hint_slot(hash)) {
-                h.store(addr, Ordering::Relaxed);
-            }
+            self.note_product(hash, addr);
+        }
+    }
+
+    fn note_product(&self, hash: u64, addr: usize) {
+        if let Some(h) = self.product_hints.get(hint_slot(hash)) {
+            h.store(addr, Ordering::Relaxed);
         }
     }
 
@@ -496,8 +500,14 @@ impl Inventory {
         }
         let p = Product::new(spec, initial_stock.unwrap_or(0));
         let counts = p.counts();
-        s.products.insert(Arc::from(sku), p);
-        self.note_products(&s);
+        let moved = s.products.insert(Arc::from(sku), p).1;
+        // Only the new product, unless adding it moved them all (the list grew): a catalog
+        // loaded one product at a time costs O(products), not O(products^2) under the lock.
+        if moved {
+            self.note_products(&s);
+        } else if let Some((hash, addr)) = s.products.places().last() {
+            self.note_product(hash, addr);
+        }
         Ok((true, counts))
     }
 
@@ -566,7 +576,7 @@ impl Inventory {
             let g = &mut guards[self.shard_of(&rp.sku)];
             let mut p = Product::new(rp.spec, rp.stocked);
             p.sold = rp.sold;
-            if g.products.insert(rp.sku, p).is_some() {
+            if g.products.insert(rp.sku, p).0.is_some() {
                 sum.duplicate_products += 1;
             } else {
                 sum.products += 1;

@@ -43,19 +43,18 @@ struct Gen {
     /// Sequence number of the first record pushed while this generation was the newest.
     start: u64,
     words: Box<[u64]>,
-    /// Records it may still take before a new generation opens.
-    room: usize,
 }
 
 impl Gen {
-    fn new(start: u64, records: usize) -> Gen {
+    /// A generation for `records` records (at least `MIN_GEN`), and how many that is.
+    fn new(start: u64, records: usize) -> (Gen, usize) {
         let records = records.max(MIN_GEN);
         let words = (records * BITS_PER_RECORD).div_ceil(64).next_power_of_two();
-        Gen {
+        let g = Gen {
             start,
             words: vec![0u64; words].into_boxed_slice(),
-            room: records,
-        }
+        };
+        (g, records)
     }
 
     fn slot(&self, p: Probe) -> usize {
@@ -74,7 +73,6 @@ impl Gen {
         if let Some(w) = self.words.get_mut(i) {
             *w |= p.bits;
         }
-        self.room = self.room.saturating_sub(1);
     }
 }
 
@@ -82,6 +80,10 @@ impl Gen {
 #[derive(Default)]
 pub(crate) struct Filter {
     gens: Vec<Gen>,
+    /// Records the newest generation may still take before a new one opens (kept here,
+    /// beside the shard's other fields, not in the generations' buffer: one line fewer
+    /// written per reserve).
+    room: usize,
 }
 
 impl Filter {
@@ -94,7 +96,7 @@ impl Filter {
     /// Whether the newest generation is full (or there is none): the caller then opens one
     /// with `open`, or merges with `reset` when `MAX_GENS` are live.
     pub(crate) fn full(&self) -> bool {
-        self.gens.last().is_none_or(|g| g.room == 0)
+        self.room == 0
     }
 
     pub(crate) fn gens(&self) -> usize {
@@ -104,13 +106,16 @@ impl Filter {
     /// Opens a new generation for records from sequence number `seq` on, sized for
     /// `records` of them.
     pub(crate) fn open(&mut self, seq: u64, records: usize) {
-        self.gens.push(Gen::new(seq, records));
+        let (g, room) = Gen::new(seq, records);
+        self.gens.push(g);
+        self.room = room;
     }
 
     /// Adds the key of the record with the newest sequence number so far.
     pub(crate) fn add(&mut self, key: u64) {
         if let Some(g) = self.gens.last_mut() {
             g.add(Probe::of(key));
+            self.room = self.room.saturating_sub(1);
         }
     }
 
@@ -127,13 +132,16 @@ impl Filter {
     /// opens at the ring's oldest sequence number).
     pub(crate) fn clear(&mut self) {
         self.gens.clear();
+        self.room = 0;
     }
 
-    /// The newest generation's words (address, mask), for `FilterHint`.
-    pub(crate) fn layout(&self) -> (usize, usize) {
-        self.gens
-            .last()
-            .map_or((0, 0), |g| (g.words.as_ptr() as usize, g.words.len() - 1))
+    /// Each generation's words (address, mask; (0, 0) past the last), for `FilterHint`.
+    pub(crate) fn layout(&self) -> [(usize, usize); MAX_GENS] {
+        let mut out = [(0, 0); MAX_GENS];
+        for (o, g) in out.iter_mut().zip(&self.gens) {
+            *o = (g.words.as_ptr() as usize, g.words.len() - 1);
+        }
+        out
     }
 
     /// Words held in all generations, for tests.

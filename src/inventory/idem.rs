@@ -125,8 +125,8 @@ impl IdemTable {
         ((entry as u32).wrapping_sub(self.base as u32)) as usize
     }
 
-    /// Where the filter's newest generation is (address and mask), for `FilterHint`.
-    pub(crate) fn layout(&self) -> (usize, usize) {
+    /// Where the filter's generations are (address and mask), for `FilterHint`.
+    pub(crate) fn layout(&self) -> [(usize, usize); MAX_GENS] {
         self.filter.layout()
     }
 
@@ -614,35 +614,48 @@ impl Ring {
     }
 }
 
-/// Where a shard's newest filter generation was when its lock was last released, kept
-/// beside the lock so `reserve` can start loading the filter word of its key *before*
-/// taking the lock (the word was usually last written by whichever core served the shard
-/// before). Read without the lock, so it may be stale (a generation opened meanwhile): a
-/// prefetch of a stale address only wastes one memory fetch, it is never dereferenced.
+/// Where a shard's filter generations were when its lock was last released, kept beside
+/// the lock so `reserve` can start loading the filter words of its key *before* taking the
+/// lock (the newest generation's word was usually last written by whichever core served
+/// the shard before; the older ones are out of L1). Read without the lock, so it may be
+/// stale (a generation opened meanwhile): a prefetch of a stale address only wastes one
+/// memory fetch, it is never dereferenced.
 #[derive(Default)]
 pub(crate) struct FilterHint {
-    addr: AtomicUsize,
-    mask: AtomicUsize,
+    gens: [(AtomicUsize, AtomicUsize); MAX_GENS],
 }
 
 impl FilterHint {
     /// Records `t`'s layout (call with the shard locked, after changing it).
     pub(crate) fn note(&self, t: &IdemTable) {
-        let (addr, mask) = t.layout();
-        if self.addr.load(Ordering::Relaxed) != addr || self.mask.load(Ordering::Relaxed) != mask {
-            self.addr.store(addr, Ordering::Relaxed);
-            self.mask.store(mask, Ordering::Relaxed);
+        for ((addr, mask), (a, m)) in self.gens.iter().zip(t.layout()) {
+            // Written only when a generation opened or went (rarely): the line stays
+            // shared between the cores otherwise.
+            if addr.load(Ordering::Relaxed) != a || mask.load(Ordering::Relaxed) != m {
+                addr.store(a, Ordering::Relaxed);
+                mask.store(m, Ordering::Relaxed);
+            }
         }
     }
 
-    /// Starts loading the filter word a lookup of `key` reads in the newest generation.
+    /// Starts loading the filter words a lookup of `key` reads (the newest one to write).
     pub(crate) fn prefetch(&self, key: u64) {
-        let addr = self.addr.load(Ordering::Relaxed);
-        if addr == 0 {
-            return;
+        for (i, (addr, mask)) in self.gens.iter().enumerate() {
+            let addr = addr.load(Ordering::Relaxed);
+            if addr == 0 {
+                return;
+            }
+            let word = filter::word_of(addr, mask.load(Ordering::Relaxed), key) as *const u64;
+            let newest = self
+                .gens
+                .get(i + 1)
+                .is_none_or(|g| g.0.load(Ordering::Relaxed) == 0);
+            if newest {
+                prefetch_write(word);
+            } else {
+                prefetch(word);
+            }
         }
-        let mask = self.mask.load(Ordering::Relaxed);
-        prefetch_write(filter::word_of(addr, mask, key) as *const u64);
     }
 }
 

@@ -345,15 +345,18 @@ impl Products {
         self.index_of(sku).is_some()
     }
 
-    /// Adds `sku`, or replaces its product (keeping its index) and returns the old one.
-    pub(crate) fn insert(&mut self, sku: Arc<str>, p: Product) -> Option<Product> {
+    /// Adds `sku`, or replaces its product (keeping its index) and returns the old one;
+    /// also says whether the products moved in memory (the list grew into a new buffer).
+    pub(crate) fn insert(&mut self, sku: Arc<str>, p: Product) -> (Option<Product>, bool) {
         let hash = sku_hash(&sku);
         if let Some(i) = self.index_hashed(hash, &sku) {
-            return self
+            let old = self
                 .list
                 .get_mut(i as usize)
                 .map(|slot| std::mem::replace(&mut slot.product, p));
+            return (old, false);
         }
+        let before = self.list.as_ptr();
         // At most one product per upsert; 2^32 products in one shard is far beyond memory.
         let i = u32::try_from(self.list.len()).unwrap_or(u32::MAX);
         let list = &self.list;
@@ -366,7 +369,7 @@ impl Products {
             sku,
             product: p,
         });
-        None
+        (None, self.list.as_ptr() != before)
     }
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &Product)> {

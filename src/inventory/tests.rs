@@ -1082,3 +1082,152 @@ fn idem_filter_never_hides_a_live_record() {
     }
     assert!(t.get(key(newest - 11)).is_none());
 }
+
+/// The idempotency table against a map + FIFO over every call it has, mixed: inserts,
+/// removals (right and wrong ids), ends by place and by lookup, TTL prunes, trims, sweeps,
+/// shrinks and full cleans, with many distinct keys (half sharing probe runs, half spread,
+/// so the filter answers most lookups) and caps from 1 to 20,000 (so filter generations
+/// open, retire, merge and refill). Written in review of the filter; it caught a generation
+/// retired one record early, a lost staged entry and a refill that skipped a record.
+#[test]
+fn idem_table_matches_a_model_over_every_call() {
+    use super::idem::{IdemTable, UNKNOWN_SEQ};
+    use super::shard::IdemRec;
+    use std::collections::{HashMap, VecDeque};
+
+    let (seeds, kmul, steps, ttl) = (2u64, 3u64, 5000u64, 4000u64);
+    for seed in 1..=seeds {
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ seed.wrapping_mul(0x1234_5678_9abc_def1);
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        for cap in [1usize, 7, 64, 300, 3000, 20000] {
+            let nkeys = (cap as u64 * kmul).max(50);
+            // Half the keys share tags (probe-run collisions), half are spread.
+            let mk = |i: u64| {
+                if i % 2 == 0 {
+                    ((i % 16) << 33) | i
+                } else {
+                    i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (i << 7)
+                }
+            };
+            let mut t = IdemTable::new();
+            let mut map: HashMap<u64, (ResId, bool)> = HashMap::new();
+            let mut seqs: HashMap<ResId, (u64, u64)> = HashMap::new();
+            let mut fifo: VecDeque<(u64, u64, ResId)> = VecDeque::new();
+            let pop = |map: &mut HashMap<u64, (ResId, bool)>,
+                       fifo: &mut VecDeque<(u64, u64, ResId)>| {
+                if let Some((_, k, id)) = fifo.pop_front() {
+                    if map.get(&k).is_some_and(|r| r.0 == id) {
+                        map.remove(&k);
+                    }
+                }
+            };
+            let mut now = 0u64;
+            for step in 0..steps {
+                let key = mk(next() % nkeys);
+                let op = next() % 100;
+                match op {
+                    0..=59 => {
+                        let id = ResId(step);
+                        let rec = IdemRec {
+                            id,
+                            check: key ^ 1,
+                            ended: false,
+                        };
+                        if t.get(key).is_none() {
+                            let seq = t.insert_new(key, rec, now, cap);
+                            seqs.insert(id, (key, seq));
+                        } else {
+                            t.insert(key, rec, now, cap);
+                        }
+                        map.insert(key, (id, false));
+                        fifo.push_back((now, key, id));
+                        while fifo.len() > cap {
+                            pop(&mut map, &mut fifo);
+                        }
+                    }
+                    60..=67 => {
+                        if let Some(&(id, _)) = map.get(&key) {
+                            t.remove(key, id);
+                            map.remove(&key);
+                        } else {
+                            t.remove(key, ResId(next() % (step + 1)));
+                        }
+                    }
+                    68..=71 => {
+                        if let Some(r) = t.get_mut(key) {
+                            r.ended = true;
+                        }
+                        if let Some(r) = map.get_mut(&key) {
+                            r.1 = true;
+                        }
+                    }
+                    72..=79 => {
+                        let id = ResId(next() % (step + 1));
+                        let (k, seq) = seqs.get(&id).copied().unwrap_or((key, UNKNOWN_SEQ));
+                        t.end(seq, k, id);
+                        if let Some(r) = map.get_mut(&k).filter(|r| r.0 == id) {
+                            r.1 = true;
+                        }
+                    }
+                    80..=84 => {
+                        now += next() % 50;
+                        t.prune(now, ttl);
+                        while fifo.front().is_some_and(|f| f.0 + ttl <= now) {
+                            pop(&mut map, &mut fifo);
+                        }
+                    }
+                    85..=88 => {
+                        let n = if next() % 16 == 0 {
+                            (next() % (cap as u64 / 4 + 2)) as usize
+                        } else {
+                            (next() % 4) as usize
+                        };
+                        t.drop_oldest(n);
+                        for _ in 0..n {
+                            pop(&mut map, &mut fifo);
+                        }
+                    }
+                    89..=93 => t.clean_pending(),
+                    94..=96 => t.shrink_if_sparse(),
+                    97 => t.clean_all(),
+                    _ => {
+                        // Sweep-style: prune most, shrink.
+                        now += 300;
+                        t.prune(now, ttl);
+                        while fifo.front().is_some_and(|f| f.0 + ttl <= now) {
+                            pop(&mut map, &mut fifo);
+                        }
+                        t.clean_pending();
+                        t.shrink_if_sparse();
+                    }
+                }
+                assert_eq!(t.len(), fifo.len(), "len seed {seed} step {step} cap {cap}");
+                // Every live record is found; a sample of other keys are not.
+                for (&k, &v) in &map {
+                    let got = t.get(k).map(|r| (r.id, r.ended));
+                    assert_eq!(
+                        got,
+                        Some(v),
+                        "live key {k:#x} seed {seed} step {step} cap {cap} op {op}"
+                    );
+                }
+                for _ in 0..8 {
+                    let k = mk(next() % nkeys);
+                    let got = t.get(k).map(|r| (r.id, r.ended));
+                    assert_eq!(
+                        got,
+                        map.get(&k).copied(),
+                        "key {k:#x} seed {seed} step {step} cap {cap}"
+                    );
+                }
+                assert!(t.filter_gens() <= super::filter::MAX_GENS);
+            }
+            assert_eq!(t.records().count(), map.len());
+        }
+    }
+}
