@@ -44,6 +44,9 @@ pub use types::{
 /// Most shards an `Inventory` uses (more would only cost memory).
 pub const MAX_SHARDS: usize = 4096;
 
+/// Cache lines at the start of a `Padded` shard that a reserve writes (see `Shard`).
+const WRITTEN_LINES: usize = 3;
+
 /// Entries of the product hint table (`Inventory::product_hints`).
 const PRODUCT_HINTS: usize = 1 << 14;
 
@@ -55,16 +58,24 @@ fn hint_slot(sku_hash: u64) -> usize {
 }
 
 /// One shard on its own cache lines, so two cores locking neighbouring shards do not
-/// contend on the same line, with the hint of where its idempotency filter is.
-#[repr(align(128))]
+/// contend on the same line, with the hint of where its idempotency filter is. `repr(C)`:
+/// the lock, then the shard's fields (those a reserve writes first, see `Shard`), then the
+/// hint, which a reserve only reads.
+#[repr(C, align(128))]
 struct Padded(Mutex<Shard>, FilterHint);
 
 impl Padded {
-    /// Hints that this shard's lock and fields (a few cache lines) will be written soon.
+    /// Hints that this shard's lock and fields (a few cache lines) will be used soon: the
+    /// first `WRITTEN_LINES` (lock and the fields every reserve writes, `Shard`) for
+    /// writing, the rest (read only) for reading, so they stay shared between the cores.
     fn prefetch(&self) {
         let at = (self as *const Padded).cast::<u8>();
         for line in 0..std::mem::size_of::<Padded>().div_ceil(64) {
-            prefetch::prefetch_write(at.wrapping_add(line * 64));
+            if line < WRITTEN_LINES {
+                prefetch::prefetch_write(at.wrapping_add(line * 64));
+            } else {
+                prefetch::prefetch(at.wrapping_add(line * 64));
+            }
         }
     }
 }

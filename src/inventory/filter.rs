@@ -78,12 +78,13 @@ impl Gen {
 
 /// The generations, oldest first; the last one takes new keys.
 #[derive(Default)]
+#[repr(C)]
 pub(crate) struct Filter {
-    gens: Vec<Gen>,
     /// Records the newest generation may still take before a new one opens (kept here,
     /// beside the shard's other fields, not in the generations' buffer: one line fewer
     /// written per reserve).
     room: usize,
+    gens: Vec<Gen>,
 }
 
 impl Filter {

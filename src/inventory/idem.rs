@@ -50,18 +50,12 @@ impl Slot {
     };
 }
 
+/// `repr(C)`, fields a reserve writes first (see `Shard`).
+#[repr(C)]
 pub(crate) struct IdemTable {
     /// Oldest first. `ring[i]` has sequence number `base + i`.
     ring: Ring,
     base: u64,
-    /// 0 = empty; else the key's high 32 bits (forced non-zero) above the low 32 bits of
-    /// the record's sequence number. An entry's home slot is `(tag >> 1) & mask`. An entry
-    /// whose record has left the ring is stale: skipped by lookups, reusable by inserts.
-    index: Vec<u64>,
-    /// Non-zero entries of `index` (live and stale).
-    used: usize,
-    /// Where `clean_some` looks next.
-    clean_at: usize,
     /// Inserts since the last `clean_pending`.
     unswept: usize,
     /// Entries (same form as the index's) of records not yet in the index, oldest first, at
@@ -69,6 +63,14 @@ pub(crate) struct IdemTable {
     staged: Vec<u64>,
     /// Says "no record" for nearly every key that has none, without the index.
     filter: Filter,
+    /// Non-zero entries of `index` (live and stale).
+    used: usize,
+    /// Where `clean_some` looks next.
+    clean_at: usize,
+    /// 0 = empty; else the key's high 32 bits (forced non-zero) above the low 32 bits of
+    /// the record's sequence number. An entry's home slot is `(tag >> 1) & mask`. An entry
+    /// whose record has left the ring is stale: skipped by lookups, reusable by inserts.
+    index: Vec<u64>,
 }
 
 /// Where a key's entry is.
@@ -95,6 +97,10 @@ fn tag(key: u64) -> u64 {
 }
 
 impl IdemTable {
+    /// Bytes at the start of the table that a reserve writes (the fields before `used`).
+    #[cfg(test)]
+    pub(crate) const WRITTEN_BYTES: usize = std::mem::offset_of!(IdemTable, used);
+
     pub(crate) fn new() -> IdemTable {
         IdemTable {
             ring: Ring::default(),
@@ -534,11 +540,12 @@ impl IdemTable {
 /// oldest slot does not read it: its cache line was written a whole window ago and is
 /// usually out of cache, and nothing of it is needed (the index entry goes stale).
 #[derive(Default)]
+#[repr(C)]
 struct Ring {
-    buf: Vec<Slot>,
+    len: usize,
     /// Position of the oldest slot in `buf`.
     head: usize,
-    len: usize,
+    buf: Vec<Slot>,
 }
 
 impl Ring {

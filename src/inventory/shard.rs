@@ -407,18 +407,24 @@ pub(crate) struct IdemRec {
     pub ended: bool,
 }
 
+/// `repr(C)`: the fields every reserve writes come first (the id counter, the reservation
+/// map's counts, the wheel's length, the ring's, the staged list's and the filter's) so
+/// that with the lock they fill the shard's first three cache lines, and the ones it only
+/// reads (the product table, the index, the shard's place) the lines after: those stay
+/// shared between the cores instead of moving with every reserve (`Padded::prefetch`).
+#[repr(C)]
 pub(crate) struct Shard {
-    index: u64,
-    nshards: u64,
     /// The next id of this shard has counter `next_k * nshards + index`, so the shard of a
     /// current-epoch id is `counter % nshards` (no scan, no index map).
     pub next_k: u64,
-    pub products: Products,
     pub reservations: FxHashMap<u64, Entry>,
     /// (expires_at, id) of exactly the Held reservations, in a timing wheel.
     pub wheel: Wheel,
     /// Idempotency records keyed by the keyed hash of (user, req, sku), oldest first.
     pub idem: IdemTable,
+    pub products: Products,
+    index: u64,
+    nshards: u64,
 }
 
 impl Shard {

@@ -1231,3 +1231,29 @@ fn idem_table_matches_a_model_over_every_call() {
         }
     }
 }
+
+/// A shard keeps the lock and what every reserve writes in its first `WRITTEN_LINES` cache
+/// lines, and what a reserve only reads (products, the index, the filter hint) after them
+/// (`Shard`'s field order, `Padded::prefetch`): adding a field in the wrong place fails here.
+#[test]
+fn a_shards_written_fields_fill_its_first_lines() {
+    let inv = Inventory::new(InventoryConfig {
+        shards: 1,
+        ..InventoryConfig::default()
+    });
+    let slot = &inv.shards[0];
+    let base = slot as *const Padded as usize;
+    let shard = slot.0.data_ptr() as usize - base;
+    let written_end =
+        shard + std::mem::offset_of!(Shard, idem) + super::idem::IdemTable::WRITTEN_BYTES;
+    assert!(
+        written_end <= WRITTEN_LINES * 64,
+        "written up to byte {written_end}"
+    );
+    let products = shard + std::mem::offset_of!(Shard, products);
+    assert!(
+        products >= WRITTEN_LINES * 64,
+        "products at byte {products}"
+    );
+    assert!(std::mem::offset_of!(Padded, 1) >= WRITTEN_LINES * 64);
+}

@@ -38,10 +38,11 @@ pub(crate) struct Plan {
 /// Held again, or was passed over while Pending, after its time had been swept past) is in
 /// bucket `cursor % SLOTS`. The cursor only
 /// moves forward, and only past ticks whose due entries have all been taken.
+#[repr(C)]
 pub(crate) struct Wheel {
-    buckets: Box<[Vec<(u64, u64)>]>,
-    cursor: u64,
     len: usize,
+    cursor: u64,
+    buckets: Box<[Vec<(u64, u64)>]>,
 }
 
 impl Wheel {
