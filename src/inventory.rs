@@ -516,7 +516,7 @@ impl Inventory {
         // loaded one product at a time costs O(products), not O(products^2) under the lock.
         if moved {
             self.note_products(&s);
-        } else if let Some((hash, addr)) = s.products.places().last() {
+        } else if let Some((hash, addr)) = s.products.last_place() {
             self.note_product(hash, addr);
         }
         Ok((true, counts))

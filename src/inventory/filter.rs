@@ -37,6 +37,12 @@ impl Probe {
         let bits = (1u64 << (h >> 58)) | (1u64 << ((h >> 52) & 63)) | (1u64 << ((h >> 46) & 63));
         Probe { hash: h, bits }
     }
+
+    /// The key's word in a generation of `mask + 1` words.
+    fn slot(self, mask: usize) -> usize {
+        // Masked, so the cast keeps every bit that is used.
+        (self.hash as usize) & mask
+    }
 }
 
 struct Gen {
@@ -58,8 +64,8 @@ impl Gen {
     }
 
     fn slot(&self, p: Probe) -> usize {
-        // The word count is a power of two; the cast keeps the bits the mask uses.
-        (p.hash as usize) & (self.words.len() - 1)
+        // The word count is a power of two.
+        p.slot(self.words.len() - 1)
     }
 
     fn has(&self, p: Probe) -> bool {
@@ -95,7 +101,7 @@ impl Filter {
     }
 
     /// Whether the newest generation is full (or there is none): the caller then opens one
-    /// with `open`, or merges with `reset` when `MAX_GENS` are live.
+    /// with `open`, or, when `MAX_GENS` are live, `clear`s and refills it from the ring.
     pub(crate) fn full(&self) -> bool {
         self.room == 0
     }
@@ -154,6 +160,5 @@ impl Filter {
 
 /// The word of `key` in a generation laid out as `layout` says (`hash & mask`).
 pub(crate) fn word_of(addr: usize, mask: usize, key: u64) -> usize {
-    let p = Probe::of(key);
-    addr.wrapping_add(((p.hash as usize) & mask).wrapping_mul(8))
+    addr.wrapping_add(Probe::of(key).slot(mask).wrapping_mul(8))
 }

@@ -376,6 +376,13 @@ impl Products {
         self.list.iter().map(|s| (&s.sku, &s.product))
     }
 
+    /// The SKU hash and slot address of the product added last (for prefetch hints only).
+    pub(crate) fn last_place(&self) -> Option<(u64, usize)> {
+        self.list
+            .last()
+            .map(|s| (s.hash, s as *const ProductSlot as usize))
+    }
+
     /// Each product's SKU hash and the address of its slot (for prefetch hints only).
     pub(crate) fn places(&self) -> impl Iterator<Item = (u64, usize)> + '_ {
         self.list

@@ -1167,3 +1167,43 @@ fn a_shards_written_fields_fill_its_first_lines() {
     );
     assert!(std::mem::offset_of!(Padded, 1) >= WRITTEN_LINES * 64);
 }
+
+/// The product hint table (prefetch only) points at each product's slot after products are
+/// added one by one (the list moves as it grows: every slot is noted again then) and after
+/// a restore: where a hint slot is a single SKU's, it holds that product's address.
+#[test]
+fn product_hints_follow_the_products() {
+    use std::collections::HashMap;
+    let check = |inv: &Inventory| {
+        let g = lock(&inv.shards[0]);
+        let places: Vec<(u64, usize)> = g.products.places().collect();
+        let mut per_slot: HashMap<usize, usize> = HashMap::new();
+        for &(hash, _) in &places {
+            *per_slot.entry(hint_slot(hash)).or_default() += 1;
+        }
+        let mut checked = 0;
+        for (hash, addr) in places {
+            if per_slot.get(&hint_slot(hash)) == Some(&1) {
+                let hint = inv.product_hints[hint_slot(hash)].load(Ordering::Relaxed);
+                assert_eq!(hint, addr, "hash {hash:#x}");
+                checked += 1;
+            }
+        }
+        assert!(checked > 900, "{checked}");
+    };
+    let inv = Inventory::new(InventoryConfig {
+        shards: 1,
+        ..InventoryConfig::default()
+    });
+    for i in 0..1000 {
+        inv.upsert(&format!("sku-{i}"), SPEC, Some(1))
+            .expect("create");
+    }
+    check(&inv);
+    let again = Inventory::new(InventoryConfig {
+        shards: 1,
+        ..InventoryConfig::default()
+    });
+    again.restore(inv.snapshot(), 0);
+    check(&again);
+}
