@@ -268,11 +268,20 @@ impl Inventory {
     /// The shard holding reservation `id`, if any. Ids this process issued map directly;
     /// restored ones (older epoch, or restored into the same epoch) need a scan, which only
     /// happens when a restore brought reservations in.
+    #[inline]
     fn locate(&self, id: ResId) -> Option<usize> {
         if id.epoch() == self.epoch && id.counter() >= self.fresh_floor.load(Ordering::Acquire) {
             // A fresh id's counter is k * shards + index.
             return Some(reduce(id.counter(), self.shards.len()));
         }
+        self.locate_restored(id)
+    }
+
+    /// `locate` of an id not issued since the last restore: a scan of the shards, kept out
+    /// of line so the fresh path above stays a few instructions.
+    #[cold]
+    #[inline(never)]
+    fn locate_restored(&self, id: ResId) -> Option<usize> {
         if !self.restored_any.load(Ordering::Acquire) {
             return None;
         }

@@ -671,19 +671,23 @@ impl Shard {
         committed: bool,
         sold: bool,
     ) -> Result<(), InvError> {
-        let e = self.reservations.get_mut(&id.0).ok_or(InvError::NotFound)?;
-        let s = e.state();
-        if s != from {
-            return Err(wrong_state(id, s, from.name()));
-        }
         if !committed {
+            let e = self.reservations.get_mut(&id.0).ok_or(InvError::NotFound)?;
+            let s = e.state();
+            if s != from {
+                return Err(wrong_state(id, s, from.name()));
+            }
             e.set_state(State::Held);
             e.wheel = Some(self.wheel.insert(e.res.expires_at, id.0));
             return Ok(());
         }
-        let Some(e) = self.reservations.remove(&id.0) else {
-            return Err(InvError::NotFound);
-        };
+        // One lookup on the usual path: taken out, put back if it is not in `from`.
+        let e = self.reservations.remove(&id.0).ok_or(InvError::NotFound)?;
+        let s = e.state();
+        if s != from {
+            self.reservations.insert(id.0, e);
+            return Err(wrong_state(id, s, from.name()));
+        }
         e.set_state(State::Ended);
         // Not Held, so not in the wheel.
         let qty = u64::from(e.res.qty);
