@@ -223,6 +223,12 @@ impl Inventory {
         self.shards.len()
     }
 
+    /// Which lock shard `sku` lives in (`0..shards`): for benchmarks that place threads on
+    /// shards of their own, and for diagnostics. Stable for the life of the `Inventory`.
+    pub fn shard_of_sku(&self, sku: &str) -> usize {
+        self.shard_of(sku)
+    }
+
     fn shard_of(&self, sku: &str) -> usize {
         // rustc-hash's finish rotates the well-mixed high bits of its product down, so the
         // low bits are good for a modulo (a mask for the default power-of-two count).

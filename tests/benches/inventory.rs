@@ -1,6 +1,7 @@
 //! Benchmark of the inventory core's hot path: reserve -> confirm_reserve -> begin_release ->
 //! finish_release(true) cycles per second, over many SKUs and on one hot SKU, with 1 and 2
-//! threads, against a naive single-global-`Mutex<HashMap>` baseline doing the same steps.
+//! threads, against a naive single-global-`Mutex<HashMap>` baseline doing the same steps;
+//! and, to bound what sharing costs, two threads that keep to shards of their own.
 //!
 //! Run: `cargo bench --bench inventory -- --warm-up-time 1 --measurement-time 3`.
 //! All keys are built before measuring; only the core's own work is timed.
@@ -63,6 +64,25 @@ impl Keys {
             rooms: (0..threads).map(|_| Arc::from("room-1")).collect(),
         }
     }
+}
+
+/// Thread t's SKU list when the threads keep to shards of their own: its copies of the SKUs
+/// whose shard is `t` modulo `threads`, repeated to `SKUS` entries (so the loop's indices
+/// and the uniqueness of (user, req, sku) stay as in the shared lists). The gateway does not
+/// place requests this way (any worker serves any SKU): this variant bounds what the cycle
+/// costs when no shard's or product's lines move between the cores.
+fn own_shards(inv: &Inventory, keys: &Keys, threads: usize) -> Vec<Vec<Arc<str>>> {
+    (0..threads)
+        .map(|t| {
+            let own: Vec<&Arc<str>> = keys.skus[t]
+                .iter()
+                .filter(|s| inv.shard_of_sku(s) % threads == t)
+                .collect();
+            (0..SKUS)
+                .filter_map(|i| own.get(i % own.len().max(1)).map(|s| Arc::clone(s)))
+                .collect()
+        })
+        .collect()
 }
 
 /// The operations one cycle needs, so both variants run the same loop.
@@ -231,6 +251,7 @@ fn thread_cpu() -> Duration {
 fn run<C: Core>(
     core: &C,
     keys: &Keys,
+    skus: &[Vec<Arc<str>>],
     threads: usize,
     hot: bool,
     iters: u64,
@@ -243,7 +264,7 @@ fn run<C: Core>(
     let cpu = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
-                let (users, skus, reqs) = (&keys.users[t], &keys.skus[t], &keys.reqs[t]);
+                let (users, skus, reqs) = (&keys.users[t], &skus[t], &keys.reqs[t]);
                 let room = &keys.rooms[t];
                 s.spawn(move || {
                     let cpu0 = thread_cpu();
@@ -295,12 +316,16 @@ fn bench(c: &mut Criterion) {
             let inv = sharded(&keys, 64, 4096 * 64);
             let mut base = 0u64;
             g.bench_function(format!("sharded_{threads}t"), |b| {
-                b.iter_custom(|iters| run(&inv, &keys, threads, hot, iters, &mut base).pick())
+                b.iter_custom(|iters| {
+                    run(&inv, &keys, &keys.skus, threads, hot, iters, &mut base).pick()
+                })
             });
             let naive = Naive::with_skus(&keys.skus[0]);
             let mut base = 0u64;
             g.bench_function(format!("naive_global_mutex_{threads}t"), |b| {
-                b.iter_custom(|iters| run(&naive, &keys, threads, hot, iters, &mut base).pick())
+                b.iter_custom(|iters| {
+                    run(&naive, &keys, &keys.skus, threads, hot, iters, &mut base).pick()
+                })
             });
         }
         if !hot {
@@ -308,22 +333,33 @@ fn bench(c: &mut Criterion) {
                 let inv = sharded(&keys, 1, 4096 * 64);
                 let mut base = 0u64;
                 g.bench_function(format!("one_shard_{threads}t"), |b| {
-                    b.iter_custom(|iters| run(&inv, &keys, threads, hot, iters, &mut base).pick())
+                    b.iter_custom(|iters| {
+                        run(&inv, &keys, &keys.skus, threads, hot, iters, &mut base).pick()
+                    })
                 });
             }
+            // Two threads on shards of their own (`own_shards`): no line of a shard or a
+            // product moves between the cores.
+            let inv = sharded(&keys, 64, 4096 * 64);
+            let own = own_shards(&inv, &keys, 2);
+            let mut base = 0u64;
+            g.bench_function("sharded_2t_own_shards", |b| {
+                b.iter_custom(|iters| run(&inv, &keys, &own, 2, hot, iters, &mut base).pick())
+            });
             // The same with a small idempotency window (256 x 64 records, cache resident):
             // shows how much of the cost is the window's cache misses.
             let inv = sharded(&keys, 64, 256 * 64);
             let mut base = 0u64;
             g.bench_function("sharded_1t_small_idem_window", |b| {
-                b.iter_custom(|iters| run(&inv, &keys, 1, hot, iters, &mut base).pick())
+                b.iter_custom(|iters| run(&inv, &keys, &keys.skus, 1, hot, iters, &mut base).pick())
             });
         }
         g.finish();
     }
 }
 
-/// `INV_CYCLES=<n> [INV_HOT=1] [INV_THREADS=t]`: runs `n` cycles of the 64-shard core
+/// `INV_CYCLES=<n> [INV_HOT=1] [INV_THREADS=t] [INV_OWN_SHARDS=1]`: runs `n` cycles of the
+/// 64-shard core (with `INV_OWN_SHARDS=1` each thread on shards of its own)
 /// without criterion and exits, for instruction counts under
 /// `valgrind --tool=callgrind` (run it with `n` and `2n`: the difference over `n` is the
 /// cost of one cycle, setup excluded).
@@ -351,7 +387,13 @@ fn fixed_run() -> bool {
     let keys = Keys::new(2);
     let inv = sharded(&keys, shards, window);
     let mut base = 0u64;
-    let d = run(&inv, &keys, threads, hot, n, &mut base);
+    // `INV_OWN_SHARDS=1`: each thread keeps to shards of its own (`own_shards`).
+    let skus = if std::env::var("INV_OWN_SHARDS").is_ok_and(|v| v == "1") {
+        own_shards(&inv, &keys, threads)
+    } else {
+        keys.skus.clone()
+    };
+    let d = run(&inv, &keys, &skus, threads, hot, n, &mut base);
     let rate = |t: Duration| n as f64 / t.as_secs_f64().max(1e-9) / 1e6;
     eprintln!(
         "{n} cycles, {threads} thread(s): wall {:?} ({:.2} M/s), slowest thread's CPU {:?} ({:.2} M/s)",
