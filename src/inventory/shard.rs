@@ -1,5 +1,6 @@
 //! One lock shard of the inventory: the products whose SKU hashes here, their reservations,
-//! the expiry index (a timing wheel, `wheel.rs`) and the idempotency records of reserves on
+//! the expiry index (a timing wheel, `wheel.rs`, fed from a list of the reservations made since
+//! the last sweep) and the idempotency records of reserves on
 //! those products (a ring with an index, `idem.rs`).
 //!
 //! Everything here runs with the shard's lock held, so it must stay short: no I/O, no clock,
@@ -95,7 +96,9 @@ pub(crate) struct Entry {
     pub idem_seq: u64,
     /// Its product's index in the shard's `Products`.
     pub product: u32,
-    /// Its place in the expiry wheel: `Some` exactly while Pending or Held.
+    /// Its place in the expiry index: `Some` exactly while Pending or Held. A position
+    /// whose slot is `FRESH` is an index into the shard's `fresh` list (made since the last
+    /// sweep), any other a place in the wheel.
     pub wheel: Option<Pos>,
 }
 
@@ -414,8 +417,22 @@ pub(crate) struct IdemRec {
     pub ended: bool,
 }
 
+/// `Pos::slot` of a reservation that waits in the shard's `fresh` list (no wheel slot is
+/// this large).
+pub(crate) const FRESH: u32 = u32::MAX;
+
+/// What a `fresh` entry becomes when its reservation leaves before a sweep. `alloc_id` never
+/// issues this id (the last counter of every epoch is not used), and `fresh` only ever holds
+/// ids `alloc_id` issued.
+pub(crate) const VACATED: u64 = u64::MAX;
+
+/// Most entries `fresh` holds: a reserve that finds it full settles it first (moves what is
+/// still live into the wheel), so without a sweeper it stays bounded, and a sweep's work
+/// under the lock stays short.
+pub(crate) const FRESH_CAP: usize = 1024;
+
 /// `repr(C)`: the fields every reserve writes come first (the id counter, the reservation
-/// map's counts, the wheel's length, the ring's, the staged list's and the filter's) so
+/// map's counts, the fresh list's length, the ring's, the staged list's and the filter's) so
 /// that with the lock they fill the shard's first three cache lines, and the ones it only
 /// reads (the product table, the index, the shard's place) the lines after: those stay
 /// shared between the cores instead of moving with every reserve (`Padded::prefetch`).
@@ -425,10 +442,18 @@ pub(crate) struct Shard {
     /// current-epoch id is `counter % nshards` (no scan, no index map).
     pub next_k: u64,
     pub reservations: FxHashMap<u64, Entry>,
-    /// (expires_at, id) of exactly the Held reservations, in a timing wheel.
-    pub wheel: Wheel,
+    /// Ids of the reservations made since the last sweep, in the order made (`VACATED`
+    /// where one has since left Pending/Held). A reserve appends here instead of inserting
+    /// into the wheel: a reservation released before the next sweep (every 200 ms in the
+    /// gateway) never touches the wheel, and the wheel's bucket, a line both cores would
+    /// write, is off the reserve path. The sweep (`settle_fresh`) moves the live ones into
+    /// the wheel before it looks for due ones.
+    pub fresh: Vec<u64>,
     /// Idempotency records keyed by the keyed hash of (user, req, sku), oldest first.
     pub idem: IdemTable,
+    /// (expires_at, id) of the Pending and Held reservations that are not in `fresh`, in a
+    /// timing wheel. After `idem`: a reserve does not write it.
+    pub wheel: Wheel,
     pub products: Products,
     index: u64,
     nshards: u64,
@@ -442,6 +467,7 @@ impl Shard {
             next_k: 0,
             products: Products::default(),
             reservations: FxHashMap::default(),
+            fresh: Vec::new(),
             wheel: Wheel::new(),
             idem: IdemTable::new(),
         }
@@ -532,9 +558,9 @@ impl Shard {
             State::Pending as u8,
         );
         let out = res.clone();
-        // Pending ones are in the wheel too: `confirm` makes them Held without the
+        // Pending ones are in the expiry index too: `confirm` makes them Held without the
         // lock, so it cannot insert them; a sweep passes over a due Pending one.
-        let wheel = Some(self.wheel.insert(expires_at, id.0));
+        let wheel = Some(self.add_fresh(id.0));
         let rec = IdemRec {
             id,
             check: idem_key.check,
@@ -643,8 +669,50 @@ impl Shard {
         Ok(out)
     }
 
-    /// Removes the wheel entry at `p`, updating the entry that moved into its place.
+    /// Appends a new reservation's id to `fresh` (settling it first if full); returns its
+    /// position there.
+    fn add_fresh(&mut self, raw: u64) -> Pos {
+        if self.fresh.len() >= FRESH_CAP {
+            self.settle_fresh();
+        }
+        // At most FRESH_CAP (1024) entries: the index fits a u32.
+        let idx = self.fresh.len() as u32;
+        self.fresh.push(raw);
+        Pos { slot: FRESH, idx }
+    }
+
+    /// Moves every reservation still waiting in `fresh` into the wheel and empties the list.
+    /// One lookup per entry not vacated. Every path that moves a reservation out of
+    /// `fresh` vacates its entry (`unwheel`), so each entry left names a reservation there;
+    /// the position is still compared, so that a path that failed to vacate would cost a
+    /// lookup, not a second wheel entry.
+    pub(crate) fn settle_fresh(&mut self) {
+        let fresh = std::mem::take(&mut self.fresh);
+        for (idx, &raw) in fresh.iter().enumerate() {
+            if raw == VACATED {
+                continue;
+            }
+            let here = Some(Pos {
+                slot: FRESH,
+                idx: idx as u32,
+            });
+            if let Some(e) = self.reservations.get_mut(&raw).filter(|e| e.wheel == here) {
+                e.wheel = Some(self.wheel.insert(e.res.expires_at, raw));
+            }
+        }
+        self.fresh = fresh;
+        self.fresh.clear();
+    }
+
+    /// Removes the expiry index entry at `p`: vacates it in `fresh`, or takes it out of the
+    /// wheel, updating the entry that moved into its place.
     fn unwheel(&mut self, p: Pos) {
+        if p.slot == FRESH {
+            if let Some(raw) = self.fresh.get_mut(p.idx as usize) {
+                *raw = VACATED;
+            }
+            return;
+        }
         if let Some(moved) = self.wheel.remove(p) {
             if let Some(m) = self.reservations.get_mut(&moved) {
                 m.wheel = Some(p);
@@ -727,8 +795,10 @@ impl Shard {
     }
 
     /// Moves due Held reservations to Expiring, appending them to `out` until it has `max`.
-    /// Looks only at the wheel buckets from the last sweep up to `now`.
+    /// Looks only at the wheel buckets from the last sweep up to `now`, after moving the
+    /// reservations made since the last sweep into the wheel.
     pub(crate) fn take_due(&mut self, now: u64, max: usize, out: &mut Vec<ResHandle>) {
+        self.settle_fresh();
         let Some(plan) = self.wheel.plan(now) else {
             return;
         };
@@ -785,7 +855,8 @@ fn alloc_id(next_k: &mut u64, index: u64, nshards: u64, epoch: u32) -> Result<Re
     let counter = next_k
         .checked_mul(nshards)
         .and_then(|c| c.checked_add(index))
-        .filter(|&c| c <= COUNTER_MASK)
+        // `<`: the last counter is never issued, so no id is `VACATED`.
+        .filter(|&c| c < COUNTER_MASK)
         .ok_or_else(|| {
             InvError::Conflict("reservation ids of this epoch are used up; restart".into())
         })?;

@@ -1207,3 +1207,89 @@ fn product_hints_follow_the_products() {
     again.restore(inv.snapshot(), 0);
     check(&again);
 }
+
+/// Checks the expiry index of every shard: a reservation has a position exactly while
+/// Pending or Held; a `fresh` position holds its id there, a wheel position its id in the
+/// wheel; the wheel holds nothing else, and `fresh` nothing live that is not pointed at.
+fn audit_expiry_index(inv: &Inventory) {
+    for slot in inv.shards.iter() {
+        let g = lock(slot);
+        let mut in_wheel = 0;
+        for (&raw, e) in &g.reservations {
+            let live = matches!(e.state(), State::Pending | State::Held);
+            assert_eq!(e.wheel.is_some(), live, "{:?} {:?}", e.res.id, e.state());
+            match e.wheel {
+                Some(p) if p.slot == shard::FRESH => {
+                    assert_eq!(g.fresh.get(p.idx as usize), Some(&raw));
+                }
+                Some(p) => {
+                    assert_eq!(g.wheel.get(p).map(|w| w.1), Some(raw));
+                    in_wheel += 1;
+                }
+                None => {}
+            }
+        }
+        assert_eq!(g.wheel.len(), in_wheel);
+        // Every entry not vacated names a reservation waiting there.
+        for (idx, raw) in g.fresh.iter().enumerate() {
+            if *raw == shard::VACATED {
+                continue;
+            }
+            let here = Some(wheel::Pos {
+                slot: shard::FRESH,
+                idx: idx as u32,
+            });
+            let at = g.reservations.get(raw).map(|e| e.wheel);
+            assert_eq!(at, Some(here), "fresh[{idx}] names {raw}");
+        }
+        assert!(g.fresh.len() <= shard::FRESH_CAP);
+    }
+}
+
+/// New reservations wait in the shard's `fresh` list until a sweep (or a full list) moves
+/// the live ones into the wheel: ones that leave before that never enter it, one released
+/// and undone before a sweep is in the wheel once, more than `FRESH_CAP` reserves between
+/// sweeps keep the list bounded, and every one expires exactly once when due.
+#[test]
+fn new_reservations_reach_the_wheel_through_the_fresh_list() {
+    let inv = Inventory::new(InventoryConfig {
+        shards: 1,
+        ..InventoryConfig::default()
+    });
+    inv.upsert("a", SPEC, Some(10_000)).expect("create");
+    let n = shard::FRESH_CAP + 300;
+    let all: Vec<ResHandle> = (0..n)
+        .map(|i| held(&inv, "u", &format!("q{i}"), "a", 1, 0))
+        .collect();
+    audit_expiry_index(&inv);
+    // Released before any sweep: vacated, never in the wheel.
+    for r in &all[..100] {
+        inv.begin_release("u", r.id).expect("begin");
+        inv.finish_release(r.id, true).expect("release");
+    }
+    // Released and undone before a sweep: in the wheel (once) from the undo on.
+    for r in &all[100..110] {
+        inv.begin_release("u", r.id).expect("begin");
+        inv.finish_release(r.id, false).expect("undo");
+    }
+    // Aborted while Pending.
+    let pending = new_res(&inv, "u", "p", "a", 1, 0);
+    inv.abort_reserve(pending.id).expect("abort");
+    audit_expiry_index(&inv);
+    assert!(inv.take_due(59_999, usize::MAX).is_empty());
+    audit_expiry_index(&inv);
+    assert!(lock(&inv.shards[0]).fresh.is_empty());
+    let mut due: Vec<ResId> = inv
+        .take_due(60_000, usize::MAX)
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    due.sort();
+    let want: Vec<ResId> = all[100..].iter().map(|r| r.id).collect();
+    assert_eq!(due, want);
+    audit_expiry_index(&inv);
+    inv.finish_expire(&due, true).expect("expire");
+    assert!(inv.take_due(1_000_000, usize::MAX).is_empty());
+    assert_eq!(counts(&inv, "a"), (10_000, 10_000, 0, 0));
+    audit_expiry_index(&inv);
+}

@@ -1,5 +1,7 @@
 //! The expiry index of one shard: a timing wheel of `SLOTS` buckets of `TICK_MS` each,
-//! holding `(expires_at, id)` of every Pending and Held reservation and nothing else.
+//! holding `(expires_at, id)` of every Pending and Held reservation that has outlived a
+//! sweep, and nothing else (newer ones wait in the shard's `fresh` list, which the next sweep
+//! moves in here).
 //!
 //! Insert and remove are O(1) with no allocation once a bucket has grown (the reservation
 //! keeps its [`Pos`]; a removal moves the bucket's last entry into the hole, and the caller
@@ -8,7 +10,8 @@
 //! Reservations further out than one turn of the wheel share buckets with nearer ones and
 //! are passed over (not due) until their turn comes. The wheel knows nothing of states or
 //! reservations: the shard keeps it in step (an entry is in the wheel exactly while Pending
-//! or Held; a sweep passes over a due Pending one and puts it back at the cursor).
+//! or Held and not in `fresh`; a sweep passes over a due Pending one and puts it back at the
+//! cursor).
 
 /// Width of one bucket in ms.
 pub(crate) const TICK_MS: u64 = 100;
@@ -136,6 +139,12 @@ impl Wheel {
         if plan.full_turn {
             self.cursor = self.cursor.max(plan.last);
         }
+    }
+
+    /// Number of entries in all buckets.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.len
     }
 
     /// Number of entries in bucket `slot`.
