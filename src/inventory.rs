@@ -83,6 +83,9 @@ impl Padded {
 /// The inventory core. `Send + Sync`: share it behind an `Arc`.
 pub struct Inventory {
     shards: Box<[Padded]>,
+    /// `shards.len() - 1`: the count is a power of two, so the shard of a hash or an id
+    /// counter is a mask, not a 64-bit division, on the hot path.
+    shard_mask: u64,
     epoch: u32,
     idem_ttl_ms: u64,
     idem_cap: usize,
@@ -109,7 +112,7 @@ pub struct Inventory {
 }
 
 /// Writes each part as a length byte and its bytes; `None` if a part is over 64 bytes.
-fn pack<'a>(buf: &'a mut [u8; 195], parts: [&str; 3]) -> Option<&'a [u8]> {
+fn pack<'a, const N: usize>(buf: &'a mut [u8; N], parts: [&str; 3]) -> Option<&'a [u8]> {
     let mut at = 0;
     for p in parts {
         let len = u8::try_from(p.len()).ok().filter(|&l| l <= 64)?;
@@ -120,19 +123,6 @@ fn pack<'a>(buf: &'a mut [u8; 195], parts: [&str; 3]) -> Option<&'a [u8]> {
         at = end;
     }
     buf.get(..at)
-}
-
-/// `x % n`, as a mask when `n` is a power of two (the default shard count): no 64-bit
-/// division on the hot path. The result is < `n`, so the casts are lossless.
-#[inline]
-fn reduce(x: u64, n: usize) -> usize {
-    let n = n as u64;
-    let r = if n.is_power_of_two() {
-        x & (n - 1)
-    } else {
-        x % n
-    };
-    r as usize
 }
 
 /// How many of its oldest records each shard drops so that `lens` (records per shard) sum
@@ -180,12 +170,14 @@ fn lock(m: &Padded) -> MutexGuard<'_, Shard> {
 impl Inventory {
     /// An empty inventory.
     pub fn new(cfg: InventoryConfig) -> Inventory {
-        let n = cfg.shards.clamp(1, MAX_SHARDS);
+        // MAX_SHARDS is a power of two, so rounding up stays within it.
+        let n = cfg.shards.clamp(1, MAX_SHARDS).next_power_of_two();
         let shards = (0..n)
             .map(|i| Padded(Mutex::new(Shard::new(i, n)), FilterHint::default()))
             .collect();
         Inventory {
             shards,
+            shard_mask: n as u64 - 1,
             epoch: cfg.epoch & EPOCH_MASK,
             idem_ttl_ms: cfg.idempotency_ttl_ms,
             // The record ring addresses records by 32-bit sequence numbers.
@@ -232,11 +224,30 @@ impl Inventory {
     fn shard_of(&self, sku: &str) -> usize {
         // rustc-hash's finish rotates the well-mixed high bits of its product down, so the
         // low bits are good for a modulo (a mask for the default power-of-two count).
-        reduce(shard::sku_hash(sku), self.shards.len())
+        self.shard_index(shard::sku_hash(sku))
+    }
+
+    /// The shard of a SKU hash or of a fresh id's counter (`x % shards`, as a mask).
+    #[inline]
+    fn shard_index(&self, x: u64) -> usize {
+        // Masked to the shard count (at most MAX_SHARDS): the cast is lossless.
+        (x & self.shard_mask) as usize
     }
 
     fn sku_shard(&self, sku: &str) -> MutexGuard<'_, Shard> {
         lock(&self.shards[self.shard_of(sku)])
+    }
+
+    /// The idempotency key of (user, req, sku) packed by `pack`.
+    fn packed_key(&self, bytes: &[u8]) -> IdemKey {
+        let mut keyed = self.idem_hasher();
+        keyed.write(bytes);
+        let mut fx = FxHasher::default();
+        fx.write(bytes);
+        IdemKey {
+            key: keyed.finish(),
+            check: fx.finish(),
+        }
     }
 
     /// A keyed hasher for idempotency keys.
@@ -247,19 +258,16 @@ impl Inventory {
     fn idem_key(&self, user: &str, req: &str, sku: &str) -> IdemKey {
         // One contiguous, length-prefixed write when the parts are short (protocol ids are
         // at most 64 chars): the hashers pay per write call, and this is on every reserve.
-        // The check hash reads the same bytes.
-        let mut buf = [0u8; 3 * (64 + 1)];
-        match pack(&mut buf, [user, req, sku]) {
-            Some(bytes) => {
-                let mut keyed = self.idem_hasher();
-                keyed.write(bytes);
-                let mut fx = FxHasher::default();
-                fx.write(bytes);
-                IdemKey {
-                    key: keyed.finish(),
-                    check: fx.finish(),
-                }
+        // The check hash reads the same bytes. Usual keys fit a 64-byte buffer, which is
+        // cheaper to clear than the 195 bytes the longest need; the bytes hashed are the
+        // same in either.
+        if 3 + user.len() + req.len() + sku.len() <= 64 {
+            if let Some(bytes) = pack(&mut [0u8; 64], [user, req, sku]) {
+                return self.packed_key(bytes);
             }
+        }
+        match pack(&mut [0u8; 3 * (64 + 1)], [user, req, sku]) {
+            Some(bytes) => self.packed_key(bytes),
             None => {
                 let mut keyed = self.idem_hasher();
                 (user, req, sku).hash(&mut keyed);
@@ -278,7 +286,7 @@ impl Inventory {
     fn locate(&self, id: ResId) -> Option<usize> {
         if id.epoch() == self.epoch && id.counter() >= self.fresh_floor.load(Ordering::Acquire) {
             // A fresh id's counter is k * shards + index.
-            return Some(reduce(id.counter(), self.shards.len()));
+            return Some(self.shard_index(id.counter()));
         }
         self.locate_restored(id)
     }
@@ -314,7 +322,7 @@ impl Inventory {
         if let Some(h) = self.product_hints.get(hint_slot(hash)) {
             prefetch::prefetch_write(h.load(Ordering::Relaxed) as *const u8);
         }
-        let slot = &self.shards[reduce(hash, self.shards.len())];
+        let slot = &self.shards[self.shard_index(hash)];
         // The shard's lock and fields were last touched by whichever core served this shard
         // before: start fetching them, then hash the key while they travel.
         slot.prefetch();

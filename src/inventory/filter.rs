@@ -13,6 +13,8 @@
 //! generation). No allocation except when a generation opens (every few thousand records
 //! of a busy shard) and no I/O.
 
+use std::sync::atomic::{AtomicU32, Ordering};
+
 /// Filter bits per record a generation is sized for (rounded up to a power of two words).
 const BITS_PER_RECORD: usize = 8;
 /// Records of the smallest generation.
@@ -83,6 +85,9 @@ impl Gen {
 }
 
 /// The generations, oldest first; the last one takes new keys.
+/// Source of layout stamps: every change to any filter's generations takes the next one.
+static LAYOUTS: AtomicU32 = AtomicU32::new(1);
+
 #[derive(Default)]
 #[repr(C)]
 pub(crate) struct Filter {
@@ -90,6 +95,12 @@ pub(crate) struct Filter {
     /// beside the shard's other fields, not in the generations' buffer: one line fewer
     /// written per reserve).
     room: usize,
+    /// Changes whenever the generations do (0: none yet), so `idem::FilterHint` can tell
+    /// in one compare whether its copy of `layout` is current. Stamps are process-wide, so
+    /// a table made anew (a restore) does not repeat an old one's; after 2^32 changes they
+    /// wrap, and a hint could then miss one change until the next (it is only a prefetch
+    /// address).
+    stamp: u32,
     gens: Vec<Gen>,
 }
 
@@ -116,6 +127,16 @@ impl Filter {
         let (g, room) = Gen::new(seq, records);
         self.gens.push(g);
         self.room = room;
+        self.restamp();
+    }
+
+    fn restamp(&mut self) {
+        self.stamp = LAYOUTS.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The layout's stamp (see `stamp`).
+    pub(crate) fn stamp(&self) -> u32 {
+        self.stamp
     }
 
     /// Adds the key of the record with the newest sequence number so far.
@@ -132,11 +153,12 @@ impl Filter {
         // At most `MAX_GENS`: shifting the rest down is a few moves, done once a generation.
         while self.gens.get(1).is_some_and(|g| g.start <= base) {
             self.gens.remove(0);
+            self.restamp();
         }
     }
 
     /// Forgets everything: the caller adds the live records again (into a generation it
-    /// opens at the ring's oldest sequence number).
+    /// opens at the ring's oldest sequence number; that `open` takes the new stamp).
     pub(crate) fn clear(&mut self) {
         self.gens.clear();
         self.room = 0;

@@ -18,7 +18,7 @@
 //! older record, and `remove` forgets one at once (an aborted reserve, backward-shift
 //! deletion).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use super::filter::{self, Filter, MAX_GENS};
 use super::prefetch::{prefetch, prefetch_write};
@@ -630,11 +630,24 @@ impl Ring {
 #[derive(Default)]
 pub(crate) struct FilterHint {
     gens: [(AtomicUsize, AtomicUsize); MAX_GENS],
+    /// The stamp of the layout in `gens` (`Filter::stamp`).
+    stamp: AtomicU32,
 }
 
 impl FilterHint {
-    /// Records `t`'s layout (call with the shard locked, after changing it).
+    /// Records `t`'s layout (call with the shard locked, after changing it). One compare
+    /// when it has not changed (nearly every reserve).
+    #[inline]
     pub(crate) fn note(&self, t: &IdemTable) {
+        let stamp = t.filter.stamp();
+        if self.stamp.load(Ordering::Relaxed) != stamp {
+            self.renote(t, stamp);
+        }
+    }
+
+    #[cold]
+    fn renote(&self, t: &IdemTable, stamp: u32) {
+        self.stamp.store(stamp, Ordering::Relaxed);
         for ((addr, mask), (a, m)) in self.gens.iter().zip(t.layout()) {
             // Written only when a generation opened or went (rarely): the line stays
             // shared between the cores otherwise.
@@ -663,6 +676,16 @@ impl FilterHint {
                 prefetch(word);
             }
         }
+    }
+}
+
+#[cfg(test)]
+impl FilterHint {
+    /// Whether the hint holds `t`'s current layout.
+    pub(crate) fn matches(&self, t: &IdemTable) -> bool {
+        self.gens.iter().zip(t.layout()).all(|((a, m), (ta, tm))| {
+            a.load(Ordering::Relaxed) == ta && m.load(Ordering::Relaxed) == tm
+        })
     }
 }
 

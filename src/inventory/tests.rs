@@ -489,7 +489,7 @@ fn snapshot_restore_is_identity() {
     assert_eq!(snap.idempotency.len(), 2);
 
     let other = Inventory::new(InventoryConfig {
-        shards: 3,
+        shards: 2,
         ..InventoryConfig::default()
     });
     let sum = other.restore(snap.clone(), 0);
@@ -525,7 +525,7 @@ fn restore_into_same_epoch_never_reuses_ids() {
     }
     let snap = inv.snapshot();
     let again = Inventory::new(InventoryConfig {
-        shards: 5,
+        shards: 16,
         epoch: 3,
         ..InventoryConfig::default()
     });
@@ -1292,4 +1292,75 @@ fn new_reservations_reach_the_wheel_through_the_fresh_list() {
     assert!(inv.take_due(1_000_000, usize::MAX).is_empty());
     assert_eq!(counts(&inv, "a"), (10_000, 10_000, 0, 0));
     audit_expiry_index(&inv);
+}
+
+/// Shard counts are rounded up to a power of two (the shard of a SKU or an id is a mask),
+/// within 1..=MAX_SHARDS.
+#[test]
+fn shard_counts_are_powers_of_two() {
+    for (asked, got) in [
+        (0, 1),
+        (1, 1),
+        (3, 4),
+        (5, 8),
+        (64, 64),
+        (65, 128),
+        (5000, 4096),
+    ] {
+        let inv = Inventory::new(InventoryConfig {
+            shards: asked,
+            ..InventoryConfig::default()
+        });
+        assert_eq!(inv.shard_count(), got, "{asked}");
+    }
+}
+
+/// After every reserve the shard's filter hint holds the filter's current layout, while
+/// generations open, retire (sweeps over a small cap) and are merged.
+#[test]
+fn the_filter_hint_follows_the_filter_after_each_reserve() {
+    let inv = Inventory::new(InventoryConfig {
+        shards: 1,
+        idempotency_cap: 500,
+        ..InventoryConfig::default()
+    });
+    inv.upsert("a", SPEC, Some(1 << 30)).expect("create");
+    let mut gens_seen = std::collections::BTreeSet::new();
+    for i in 0..20_000u64 {
+        let r = new_res(&inv, "u", &format!("q{i}"), "a", 1, i);
+        inv.abort_reserve(r.id).expect("abort");
+        let g = lock(&inv.shards[0]);
+        assert!(inv.shards[0].1.matches(&g.idem), "after reserve {i}");
+        gens_seen.insert(g.idem.filter_gens());
+        drop(g);
+        if i % 97 == 0 {
+            inv.take_due(i, 16);
+        }
+    }
+    // Generations came and went.
+    assert!(gens_seen.len() >= 3, "{gens_seen:?}");
+}
+
+/// The idempotency key is the same whichever buffer packed it (keys that fit 64 bytes use a
+/// smaller one), and the length prefixes keep different splits of the same bytes apart.
+#[test]
+fn idempotency_keys_do_not_depend_on_the_buffer() {
+    let inv = inv();
+    for user_len in 20..=40 {
+        let user = "u".repeat(user_len);
+        let (req, sku) = ("req-0001", "sku-00000001-aaaaaaaa");
+        let mut buf = [0u8; 195];
+        let big = pack(&mut buf, [&user, req, sku]).expect("fits");
+        assert_eq!(
+            inv.idem_key(&user, req, sku),
+            inv.packed_key(big),
+            "{user_len}"
+        );
+    }
+    assert_ne!(inv.idem_key("ab", "c", "d"), inv.idem_key("a", "bc", "d"));
+    let long = "x".repeat(65);
+    assert_ne!(
+        inv.idem_key(&long, "r", "s"),
+        inv.idem_key(&long[..64], "r", "s")
+    );
 }
