@@ -223,7 +223,7 @@ impl Inventory {
 
     fn shard_of(&self, sku: &str) -> usize {
         // rustc-hash's finish rotates the well-mixed high bits of its product down, so the
-        // low bits are good for a modulo (a mask for the default power-of-two count).
+        // low bits are good for the shard mask.
         self.shard_index(shard::sku_hash(sku))
     }
 

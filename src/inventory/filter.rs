@@ -84,10 +84,10 @@ impl Gen {
     }
 }
 
-/// The generations, oldest first; the last one takes new keys.
 /// Source of layout stamps: every change to any filter's generations takes the next one.
 static LAYOUTS: AtomicU32 = AtomicU32::new(1);
 
+/// The generations, oldest first; the last one takes new keys.
 #[derive(Default)]
 #[repr(C)]
 pub(crate) struct Filter {

@@ -1,7 +1,7 @@
 //! One lock shard of the inventory: the products whose SKU hashes here, their reservations,
-//! the expiry index (a timing wheel, `wheel.rs`, fed from a list of the reservations made since
-//! the last sweep) and the idempotency records of reserves on
-//! those products (a ring with an index, `idem.rs`).
+//! the expiry index (a timing wheel, `wheel.rs`, fed from a list of the reservations made
+//! since the last sweep) and the idempotency records of reserves on those products (a ring
+//! with an index, `idem.rs`).
 //!
 //! Everything here runs with the shard's lock held, so it must stay short: no I/O, no clock,
 //! no allocation beyond growing its maps, wheel buckets and record ring, no call back into
@@ -686,7 +686,7 @@ impl Shard {
     /// `fresh` vacates its entry (`unwheel`), so each entry left names a reservation there;
     /// the position is still compared, so that a path that failed to vacate would cost a
     /// lookup, not a second wheel entry.
-    pub(crate) fn settle_fresh(&mut self) {
+    fn settle_fresh(&mut self) {
         let fresh = std::mem::take(&mut self.fresh);
         for (idx, &raw) in fresh.iter().enumerate() {
             if raw == VACATED {

@@ -256,7 +256,8 @@ impl InvError {
 /// Construction parameters of `Inventory`.
 #[derive(Clone, Copy, Debug)]
 pub struct InventoryConfig {
-    /// Number of lock shards (clamped to 1..=4096, then rounded up to a power of two). Around 4-8x the core count is plenty.
+    /// Number of lock shards (clamped to 1..=4096, then rounded up to a power of two).
+    /// Around 4-8x the core count is plenty.
     pub shards: usize,
     /// This process's epoch (fresh from Redis `INCR` at start); kept modulo 2^24.
     pub epoch: u32,
