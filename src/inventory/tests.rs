@@ -1247,9 +1247,10 @@ fn audit_expiry_index(inv: &Inventory) {
 }
 
 /// New reservations wait in the shard's `fresh` list until a sweep (or a full list) moves
-/// the live ones into the wheel: ones that leave before that never enter it, one released
-/// and undone before a sweep is in the wheel once, more than `FRESH_CAP` reserves between
-/// sweeps keep the list bounded, and every one expires exactly once when due.
+/// the live ones into the wheel: the `FRESH_CAP + 1`-th reserve since a sweep settles the
+/// list first; ones that leave while in the list only vacate their entry (and never enter
+/// the wheel), ones released after the list was settled leave the wheel; one released and
+/// undone while in the list is in the wheel once; every one left expires exactly once.
 #[test]
 fn new_reservations_reach_the_wheel_through_the_fresh_list() {
     let inv = Inventory::new(InventoryConfig {
@@ -1262,30 +1263,40 @@ fn new_reservations_reach_the_wheel_through_the_fresh_list() {
         .map(|i| held(&inv, "u", &format!("q{i}"), "a", 1, 0))
         .collect();
     audit_expiry_index(&inv);
-    // Released before any sweep: vacated, never in the wheel.
-    for r in &all[..100] {
+    let waiting = |inv: &Inventory| {
+        let g = lock(&inv.shards[0]);
+        let vacant = g.fresh.iter().filter(|&&r| r == shard::VACATED).count();
+        (g.fresh.len(), vacant, g.wheel.len())
+    };
+    // The first FRESH_CAP were settled into the wheel by the reserve after them.
+    assert_eq!(waiting(&inv), (300, 0, shard::FRESH_CAP));
+    let release = |r: &ResHandle, commit: bool| {
         inv.begin_release("u", r.id).expect("begin");
-        inv.finish_release(r.id, true).expect("release");
-    }
-    // Released and undone before a sweep: in the wheel (once) from the undo on.
-    for r in &all[100..110] {
-        inv.begin_release("u", r.id).expect("begin");
-        inv.finish_release(r.id, false).expect("undo");
-    }
-    // Aborted while Pending.
+        inv.finish_release(r.id, commit).expect("finish");
+    };
+    // Released from the wheel, and from the list (vacated there).
+    all[..10].iter().for_each(|r| release(r, true));
+    all[n - 100..].iter().for_each(|r| release(r, true));
+    // Released and undone while in the list: into the wheel from the undo on.
+    all[n - 110..n - 100].iter().for_each(|r| release(r, false));
+    // Aborted while Pending (in the list).
     let pending = new_res(&inv, "u", "p", "a", 1, 0);
     inv.abort_reserve(pending.id).expect("abort");
+    // In the list: 300 + the aborted one, 111 of them vacated; the wheel lost 10 and
+    // gained the 10 undone ones.
+    assert_eq!(waiting(&inv), (301, 111, shard::FRESH_CAP));
     audit_expiry_index(&inv);
     assert!(inv.take_due(59_999, usize::MAX).is_empty());
     audit_expiry_index(&inv);
-    assert!(lock(&inv.shards[0]).fresh.is_empty());
+    // The sweep settled the list: the 190 still waiting went into the wheel.
+    assert_eq!(waiting(&inv), (0, 0, shard::FRESH_CAP + 190));
     let mut due: Vec<ResId> = inv
         .take_due(60_000, usize::MAX)
         .iter()
         .map(|r| r.id)
         .collect();
     due.sort();
-    let want: Vec<ResId> = all[100..].iter().map(|r| r.id).collect();
+    let want: Vec<ResId> = all[10..n - 100].iter().map(|r| r.id).collect();
     assert_eq!(due, want);
     audit_expiry_index(&inv);
     inv.finish_expire(&due, true).expect("expire");
