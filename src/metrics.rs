@@ -40,6 +40,7 @@ pub const CONFIRMATIONS_SENT: &str = "livegate_order_confirmations_sent_total";
 pub const REDIS_UP: &str = "livegate_redis_up";
 pub const REDIS_STALLED_REPLACED: &str = "livegate_redis_stalled_connections_replaced_total";
 pub const UNKNOWN_SETTLED: &str = "livegate_unknown_outcomes_settled_total";
+pub const INVENTORY_LOCK_WAITS: &str = "livegate_inventory_lock_waits_total";
 pub const AUDIENCE_DROPPED: &str = "livegate_audience_writes_dropped_total";
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
@@ -132,6 +133,10 @@ fn describe() {
         "Changes refused because the commit queue was full"
     );
     describe_counter!(RESERVATIONS, "Reservations confirmed");
+    describe_counter!(
+        INVENTORY_LOCK_WAITS,
+        "Times an inventory shard lock was found taken and its taker waited (updated by the expiry sweeper, every 200 ms)"
+    );
     describe_counter!(EXPIRED, "Reservations expired");
     describe_counter!(ORDERS_ACCEPTED, "Orders accepted (durably recorded)");
     describe_counter!(

@@ -270,6 +270,8 @@ const SETTLE_RETRY: Duration = Duration::from_millis(250);
 pub async fn expiry_sweeper(app: Arc<App>) {
     loop {
         tokio::time::sleep(SWEEP_EVERY).await;
+        metrics::counter!(crate::metrics::INVENTORY_LOCK_WAITS)
+            .absolute(app.inventory.lock_waits());
         loop {
             let due = app.inventory.take_due(unix_ms(), EXPIRE_BATCH);
             if due.is_empty() {
