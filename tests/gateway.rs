@@ -613,6 +613,20 @@ async fn http_endpoints() {
     let (status, body) = http_get(&gw, "/metrics", None).await;
     assert_eq!(status, 200);
     assert!(body.contains("livegate_commands_total"), "{body}");
+    // The expiry sweeper exports the core's lock waits every 200 ms.
+    let mut waits = None;
+    for _ in 0..40 {
+        let body = http_get(&gw, "/metrics", None).await.1;
+        waits = body
+            .lines()
+            .find_map(|l| l.strip_prefix("livegate_inventory_lock_waits_total "))
+            .and_then(|n| n.trim().parse::<f64>().ok());
+        if waits.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(waits.is_some_and(|n| n >= 0.0), "lock waits not exported");
     let (status, body) = http_get(&gw, "/api/v1/rooms/r5", None).await;
     assert_eq!(status, 200);
     let v: Value = serde_json::from_str(&body).expect("json");
