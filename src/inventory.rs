@@ -39,7 +39,7 @@ use shard::{Entry, IdemKey, IdemRec, Product, Shard, State, UserUnits};
 pub use types::{
     InvError, InventoryConfig, ParseResIdError, ProductCounts, ProductSpec, ResHandle, ResId,
     Reservation, ReserveOutcome, ReserveRequest, RestoreState, RestoreSummary, RestoredIdem,
-    RestoredProduct, COUNTER_BITS, EPOCH_MASK,
+    RestoredProduct, Text, COUNTER_BITS, EPOCH_MASK,
 };
 
 /// Most shards an `Inventory` uses (more would only cost memory).
@@ -648,7 +648,8 @@ impl Inventory {
             if let Some(p) = g.products.at_mut(product) {
                 p.reserved = p.reserved.saturating_add(qty);
                 if p.tracks_held() {
-                    let u: &mut UserUnits = p.users.entry(Arc::clone(&res.user)).or_default();
+                    let u: &mut UserUnits =
+                        p.users.entry(Arc::from(res.user.as_str())).or_default();
                     u.held = u.held.saturating_add(qty);
                 }
             }
@@ -739,9 +740,9 @@ impl Inventory {
             for rec in g.idem.records().filter(|r| !r.ended) {
                 if let Some(e) = g.reservations.get(&rec.id.0) {
                     st.idempotency.push((
-                        Arc::clone(&e.res.user),
-                        Arc::clone(&e.res.req),
-                        Arc::clone(&e.res.sku),
+                        Arc::from(e.res.user.as_str()),
+                        Arc::from(e.res.req.as_str()),
+                        Arc::from(e.res.sku.as_str()),
                         rec.id,
                         false,
                     ));

@@ -15,7 +15,7 @@ use crate::{
     app::App,
     commit::CommitError,
     hub::ProductInfo,
-    inventory::{ProductSpec, ResId, Reservation, RestoreState, RestoredProduct},
+    inventory::{ProductSpec, ResId, Reservation, RestoreState, RestoredProduct, Text},
     metrics::{self as m, unix_ms},
     protocol::{RoomStatus, ServerMsg},
 };
@@ -85,7 +85,13 @@ pub async fn restore(app: &Arc<App>) -> Result<(), redis::RedisError> {
     for (id, json) in &records {
         match parse_reservation(id, json) {
             Some(r) => {
-                held_idem.push((r.user.clone(), r.req.clone(), r.sku.clone(), r.id, false));
+                held_idem.push((
+                    Arc::from(r.user.as_str()),
+                    Arc::from(r.req.as_str()),
+                    Arc::from(r.sku.as_str()),
+                    r.id,
+                    false,
+                ));
                 state.reservations.push(r);
             }
             None => bad += 1,
@@ -195,7 +201,7 @@ pub async fn restore(app: &Arc<App>) -> Result<(), redis::RedisError> {
 /// A reservation from its `P:reservations` record (docs/redis.md).
 pub fn parse_reservation(id: &str, json: &str) -> Option<Reservation> {
     let v: serde_json::Value = serde_json::from_str(json).ok()?;
-    let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(Arc::<str>::from);
+    let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(Text::from);
     Some(Reservation {
         id: ResId::parse(id)?,
         user: s("user")?,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use livegate::inventory::{
     InvError, Inventory, InventoryConfig, ProductCounts, ProductSpec, ResHandle, ResId,
-    ReserveOutcome, ReserveRequest,
+    ReserveOutcome, ReserveRequest, Text,
 };
 use proptest::prelude::*;
 
@@ -285,11 +285,11 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             } => {
                 let sku_name: &str = SKUS.get(sku).copied().unwrap_or("zz");
                 let got = inv.reserve(ReserveRequest {
-                    user: Arc::clone(&users[user]),
-                    req: Arc::from(format!("q{req}")),
-                    room: Arc::from("room"),
+                    user: Text::from(&*users[user]),
+                    req: Text::from(format!("q{req}")),
+                    room: Text::from("room"),
                     referrer: None,
-                    sku: Arc::from(sku_name),
+                    sku: Text::from(sku_name),
                     qty,
                     now: m.now,
                 });

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::thread;
 
 use livegate::inventory::{
-    Inventory, InventoryConfig, ProductSpec, ResId, ReserveOutcome, ReserveRequest,
+    Inventory, InventoryConfig, ProductSpec, ResId, ReserveOutcome, ReserveRequest, Text,
 };
 
 const THREADS: usize = 8;
@@ -60,12 +60,14 @@ fn check_counts(inv: &Inventory) {
 /// Per-user held + bought from a consistent snapshot.
 fn check_limits(inv: &Inventory) {
     let snap = inv.snapshot();
-    let mut used: HashMap<(Arc<str>, Arc<str>), u64> = HashMap::new();
+    let mut used: HashMap<(String, String), u64> = HashMap::new();
     for r in &snap.reservations {
-        *used.entry((r.sku.clone(), r.user.clone())).or_default() += u64::from(r.qty);
+        *used
+            .entry((r.sku.to_string(), r.user.to_string()))
+            .or_default() += u64::from(r.qty);
     }
     for (sku, user, units) in &snap.bought {
-        *used.entry((sku.clone(), user.clone())).or_default() += units;
+        *used.entry((sku.to_string(), user.to_string())).or_default() += units;
     }
     for ((sku, user), units) in used {
         assert!(units <= u64::from(LIMIT), "{user} holds {units} of {sku}");
@@ -74,9 +76,9 @@ fn check_limits(inv: &Inventory) {
 
 fn worker(inv: &Inventory, tally: &Tally, clock: &AtomicU64, t: usize) {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((t as u64 + 1) * 0x1234_5678_9abc));
-    let users: Vec<Arc<str>> = (0..USERS).map(|u| Arc::from(format!("u{u}"))).collect();
-    let room: Arc<str> = Arc::from("room");
-    let skus: Vec<Arc<str>> = SKUS.iter().map(|s| Arc::from(*s)).collect();
+    let users: Vec<Text> = (0..USERS).map(|u| Text::from(format!("u{u}"))).collect();
+    let room = Text::from("room");
+    let skus: Vec<Text> = SKUS.iter().map(|s| Text::from(*s)).collect();
     let mut mine: Vec<(ResId, usize)> = Vec::new(); // held reservations: (id, user)
     for i in 0..ITERS {
         let now = clock.fetch_add(1, Ordering::Relaxed);
@@ -84,7 +86,7 @@ fn worker(inv: &Inventory, tally: &Tally, clock: &AtomicU64, t: usize) {
         let sku = usize::from(rng.below(4) == 0);
         let req = ReserveRequest {
             user: users[user].clone(),
-            req: Arc::from(format!("t{t}-{i}")),
+            req: Text::from(format!("t{t}-{i}")),
             room: room.clone(),
             referrer: None,
             sku: skus[sku].clone(),

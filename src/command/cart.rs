@@ -13,7 +13,7 @@ use crate::{
     app::App,
     commit::{Change, CommitError, HashWrite},
     config::ReserveMode,
-    inventory::{InvError, ResHandle, ResId, Reservation, ReserveOutcome, ReserveRequest},
+    inventory::{InvError, ResHandle, ResId, Reservation, ReserveOutcome, ReserveRequest, Text},
     keys,
     metrics::{self as m, unix_ms},
     protocol::{ErrorCode, ProtoError, ServerMsg},
@@ -139,11 +139,11 @@ fn reserve_now(
         return Ok(Step::Later(Box::pin(fut)));
     }
     let request = ReserveRequest {
-        user: s.user.clone(),
-        req: Arc::from(req.as_str()),
-        room: room_id,
-        referrer,
-        sku: Arc::from(sku.as_str()),
+        user: Text::from(&*s.user),
+        req: Text::from(req.as_str()),
+        room: Text::from(&*room_id),
+        referrer: referrer.as_deref().map(Text::from),
+        sku: Text::from(sku.as_str()),
         qty,
         now,
     };

@@ -12,7 +12,7 @@ use std::sync::{Arc, OnceLock};
 use super::{cart::reserved_reply, Reply, Session};
 use crate::{
     app::App,
-    inventory::{ResId, Reservation},
+    inventory::{ResId, Reservation, Text},
     protocol::{ErrorCode, ProtoError},
 };
 
@@ -78,11 +78,11 @@ async fn run_script(
     };
     let res = Reservation {
         id: ResId::new(app.epoch, app.next_baseline_id()),
-        user: user.clone(),
-        req: Arc::from(req.as_str()),
-        room: room.clone(),
-        referrer,
-        sku: Arc::from(sku),
+        user: Text::from(&*user),
+        req: Text::from(req.as_str()),
+        room: Text::from(&*room),
+        referrer: referrer.as_deref().map(Text::from),
+        sku: Text::from(sku),
         qty,
         price_cents: product.price_cents,
         expires_at: now + u64::from(product.ttl_s) * 1000,

@@ -188,13 +188,13 @@ impl Product {
     }
 
     /// A reservation's units are bought.
-    fn sell(&mut self, user: &Arc<str>, qty: u64) {
+    fn sell(&mut self, user: &str, qty: u64) {
         self.reserved = self.reserved.saturating_sub(qty);
         self.sold = self.sold.saturating_add(qty);
         let track = self.tracks_held();
-        let u = match self.users.get_mut(&**user) {
+        let u = match self.users.get_mut(user) {
             Some(u) => u,
-            None => self.users.entry(Arc::clone(user)).or_default(),
+            None => self.users.entry(Arc::from(user)).or_default(),
         };
         if track {
             u.held = u.held.saturating_sub(qty);
@@ -534,7 +534,7 @@ impl Shard {
                 Some(u) => u.held = u.held.saturating_add(qty),
                 None => {
                     product.users.insert(
-                        Arc::clone(&r.user),
+                        Arc::from(r.user.as_str()),
                         UserUnits {
                             held: qty,
                             bought: 0,
@@ -608,7 +608,7 @@ impl Shard {
         match (was, p.tracks_held()) {
             (false, true) => {
                 for e in self.reservations.values().filter(|e| &*e.res.sku == sku) {
-                    let u = p.users.entry(Arc::clone(&e.res.user)).or_default();
+                    let u = p.users.entry(Arc::from(e.res.user.as_str())).or_default();
                     u.held = u.held.saturating_add(u64::from(e.res.qty));
                 }
             }

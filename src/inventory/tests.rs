@@ -1375,3 +1375,37 @@ fn idempotency_keys_do_not_depend_on_the_buffer() {
         inv.idem_key(&long[..64], "r", "s")
     );
 }
+
+/// Strings longer than `Text` keeps inline (24 bytes) live on the heap; a reservation
+/// keeps and compares them byte for byte either way: the retry of the same long key is
+/// the same reservation, a user differing only past byte 24 is another user.
+#[test]
+fn long_and_short_strings_are_kept_whole() {
+    let inv = inv();
+    let sku = format!("sku-{}", "s".repeat(40));
+    inv.upsert(&sku, SPEC, Some(10)).expect("create");
+    let user = format!("{}-a", "u".repeat(30));
+    let other = format!("{}-b", "u".repeat(30));
+    let r = req(&user, &"q".repeat(64), &sku, 1, 1000);
+    let held = match inv.reserve(r.clone()) {
+        Ok(ReserveOutcome::New(res)) => res,
+        got => panic!("expected New, got {got:?}"),
+    };
+    assert_eq!(
+        (&*held.user, &*held.req, &*held.sku),
+        (&*user, &*"q".repeat(64), &*sku)
+    );
+    assert_eq!(&*held.room, "room1");
+    inv.confirm(&held).expect("confirm");
+    assert!(matches!(inv.reserve(r), Ok(ReserveOutcome::Existing(e)) if e.id == held.id));
+    assert_eq!(
+        inv.begin_release(&other, held.id).err(),
+        Some(InvError::NotFound)
+    );
+    let short = new_res(&inv, "u", "q", &sku, 1, 1000);
+    assert_eq!((&*short.user, &*short.req), ("u", "q"));
+    inv.begin_release(&user, held.id)
+        .expect("the owner releases");
+    inv.finish_release(held.id, true).expect("finish");
+    assert_eq!(counts(&inv, &sku), (10, 9, 1, 0));
+}

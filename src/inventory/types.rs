@@ -143,11 +143,11 @@ impl Eq for ResHandle {}
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reservation {
     pub id: ResId,
-    pub user: Arc<str>,
-    pub req: Arc<str>,
-    pub room: Arc<str>,
-    pub referrer: Option<Arc<str>>,
-    pub sku: Arc<str>,
+    pub user: Text,
+    pub req: Text,
+    pub room: Text,
+    pub referrer: Option<Text>,
+    pub sku: Text,
     pub qty: u32,
     pub price_cents: i64,
     /// Unix ms; `now + ttl_s * 1000` of the product at reserve time.
@@ -179,15 +179,21 @@ pub struct ProductCounts {
     pub sold: u64,
 }
 
-/// Input of `Inventory::reserve`. All strings are reference counted so the caller can intern
-/// them; the core clones the `Arc`s, never the bytes.
+/// A string the core keeps by value: up to 24 bytes inline (no allocation), longer ones on
+/// the heap, never reference counted. The request's strings move into the reservation, so
+/// handing them over and dropping the reservation cost no atomic instruction (until the
+/// tenth round these were `Arc<str>`: four reference counts up and down per reservation,
+/// each a locked instruction, docs/inventory.md).
+pub type Text = compact_str::CompactString;
+
+/// Input of `Inventory::reserve`. Its strings move into the reservation.
 #[derive(Clone, Debug)]
 pub struct ReserveRequest {
-    pub user: Arc<str>,
-    pub req: Arc<str>,
-    pub room: Arc<str>,
-    pub referrer: Option<Arc<str>>,
-    pub sku: Arc<str>,
+    pub user: Text,
+    pub req: Text,
+    pub room: Text,
+    pub referrer: Option<Text>,
+    pub sku: Text,
     pub qty: u32,
     /// Unix ms.
     pub now: u64,

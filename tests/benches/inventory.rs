@@ -8,12 +8,12 @@
 
 use std::collections::HashMap;
 use std::hint::black_box;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, Criterion, Throughput};
 use livegate::inventory::{
-    Inventory, InventoryConfig, ProductSpec, ReserveOutcome, ReserveRequest,
+    Inventory, InventoryConfig, ProductSpec, ReserveOutcome, ReserveRequest, Text,
 };
 
 /// The allocator the `livegate` binary runs the core with (src/main.rs): the per-reservation
@@ -30,38 +30,38 @@ const REQS: usize = 1 << 16;
 const SWEEP_EVERY: u64 = 1 << 12;
 const STOCK: u64 = 1 << 40;
 
-/// Pre-built keys, shared by every variant. Each thread has its own `Arc`s for SKUs, reqs
-/// and the room (same strings): the gateway makes a fresh `Arc` of the SKU and req per
-/// request and each session keeps its own copy of a joined room's id, so none of their
-/// reference counts is shared between cores there.
+/// Pre-built keys, shared by every variant; each cycle copies its four strings into the
+/// request (`Text`, inline up to 24 bytes), as the gateway copies them out of the frame and
+/// the session. Each thread has its own copies (from before the tenth round, when these were
+/// `Arc`s whose reference counts must not be shared between the cores).
 struct Keys {
     /// `skus[t]`: thread t's copies of the SKU names.
-    skus: Vec<Vec<Arc<str>>>,
+    skus: Vec<Vec<Text>>,
     /// `users[t]` is thread t's own users, so threads never share an idempotency key.
-    users: Vec<Vec<Arc<str>>>,
+    users: Vec<Vec<Text>>,
     /// `reqs[t]`: thread t's copies of the req names.
-    reqs: Vec<Vec<Arc<str>>>,
+    reqs: Vec<Vec<Text>>,
     /// `rooms[t]`: thread t's copy of the room id.
-    rooms: Vec<Arc<str>>,
+    rooms: Vec<Text>,
 }
 
 impl Keys {
     fn new(threads: usize) -> Keys {
         Keys {
             skus: (0..threads)
-                .map(|_| (0..SKUS).map(|i| Arc::from(format!("sku-{i}"))).collect())
+                .map(|_| (0..SKUS).map(|i| Text::from(format!("sku-{i}"))).collect())
                 .collect(),
             users: (0..threads)
                 .map(|t| {
                     (0..USERS_PER_THREAD)
-                        .map(|i| Arc::from(format!("user-{t}-{i}")))
+                        .map(|i| Text::from(format!("user-{t}-{i}")))
                         .collect()
                 })
                 .collect(),
             reqs: (0..threads)
-                .map(|_| (0..REQS).map(|i| Arc::from(format!("req-{i}"))).collect())
+                .map(|_| (0..REQS).map(|i| Text::from(format!("req-{i}"))).collect())
                 .collect(),
-            rooms: (0..threads).map(|_| Arc::from("room-1")).collect(),
+            rooms: (0..threads).map(|_| Text::from("room-1")).collect(),
         }
     }
 }
@@ -71,15 +71,15 @@ impl Keys {
 /// and the uniqueness of (user, req, sku) stay as in the shared lists). The gateway does not
 /// place requests this way (any worker serves any SKU): this variant bounds what the cycle
 /// costs when no shard's or product's lines move between the cores.
-fn own_shards(inv: &Inventory, keys: &Keys, threads: usize) -> Vec<Vec<Arc<str>>> {
+fn own_shards(inv: &Inventory, keys: &Keys, threads: usize) -> Vec<Vec<Text>> {
     (0..threads)
         .map(|t| {
-            let own: Vec<&Arc<str>> = keys.skus[t]
+            let own: Vec<&Text> = keys.skus[t]
                 .iter()
                 .filter(|s| inv.shard_of_sku(s) % threads == t)
                 .collect();
             (0..SKUS)
-                .filter_map(|i| own.get(i % own.len().max(1)).map(|s| Arc::clone(s)))
+                .filter_map(|i| own.get(i % own.len().max(1)).map(|s| (*s).clone()))
                 .collect()
         })
         .collect()
@@ -87,7 +87,7 @@ fn own_shards(inv: &Inventory, keys: &Keys, threads: usize) -> Vec<Vec<Arc<str>>
 
 /// The operations one cycle needs, so both variants run the same loop.
 trait Core: Sync {
-    fn cycle(&self, user: &Arc<str>, req: &Arc<str>, sku: &Arc<str>, room: &Arc<str>) -> bool;
+    fn cycle(&self, user: &Text, req: &Text, sku: &Text, room: &Text) -> bool;
     /// What the gateway's expiry sweeper does every 200 ms (nothing is due here; it keeps
     /// the idempotency window at its cap).
     fn sweep(&self) {}
@@ -99,13 +99,13 @@ impl Core for Inventory {
     }
 
     #[inline]
-    fn cycle(&self, user: &Arc<str>, req: &Arc<str>, sku: &Arc<str>, room: &Arc<str>) -> bool {
+    fn cycle(&self, user: &Text, req: &Text, sku: &Text, room: &Text) -> bool {
         let out = self.reserve(ReserveRequest {
-            user: Arc::clone(user),
-            req: Arc::clone(req),
-            room: Arc::clone(room),
+            user: user.clone(),
+            req: req.clone(),
+            room: room.clone(),
             referrer: None,
-            sku: Arc::clone(sku),
+            sku: sku.clone(),
             qty: 1,
             now: 1_000,
         });
@@ -133,7 +133,7 @@ struct NaiveInner {
 }
 
 impl Naive {
-    fn with_skus(skus: &[Arc<str>]) -> Naive {
+    fn with_skus(skus: &[Text]) -> Naive {
         let n = Naive::default();
         if let Ok(mut g) = n.inner.lock() {
             for s in skus {
@@ -186,7 +186,7 @@ impl Naive {
 
 impl Core for Naive {
     #[inline]
-    fn cycle(&self, user: &Arc<str>, _req: &Arc<str>, sku: &Arc<str>, _room: &Arc<str>) -> bool {
+    fn cycle(&self, user: &Text, _req: &Text, sku: &Text, _room: &Text) -> bool {
         let Some(id) = self.reserve(user, sku, 1) else {
             return false;
         };
@@ -251,7 +251,7 @@ fn thread_cpu() -> Duration {
 fn run<C: Core>(
     core: &C,
     keys: &Keys,
-    skus: &[Vec<Arc<str>>],
+    skus: &[Vec<Text>],
     threads: usize,
     hot: bool,
     iters: u64,
