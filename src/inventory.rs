@@ -24,7 +24,7 @@ mod wheel;
 mod tests;
 
 use std::hash::{BuildHasher, Hash, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use foldhash::quality::FoldHasher;
@@ -104,12 +104,16 @@ pub struct Inventory {
     /// Set while a sweep counts the idempotency records, so two overlapping sweeps do not
     /// both trim the same excess.
     trimming: AtomicBool,
-    /// Where the product of a SKU hash probably is (by `hint_slot`; 0 = unknown), so that
-    /// `reserve` can start loading its line before it takes the lock and looks it up. Only
-    /// ever prefetched, never dereferenced: an entry that is stale (its shard's product list
-    /// grew and moved) or belongs to another SKU of the same slot wastes one fetch. Written
-    /// when products are added (rare), read on every reserve: shared by both cores' caches.
-    product_hints: Box<[AtomicUsize]>,
+    /// Where the product of a SKU hash probably is (by `hint_slot`), so that `reserve` can
+    /// start loading its line before it takes the lock and looks it up: a signed distance
+    /// in cache lines from `hint_base` (32 bits, so the table is 64 KiB, not 128, and more
+    /// of it stays in cache; 0 = unknown, a product too far away is not noted). Only ever
+    /// prefetched, never dereferenced: an entry that is stale (its shard's product list grew
+    /// and moved) or belongs to another SKU of the same slot wastes one fetch. Written when
+    /// products are added (rare), read on every reserve: shared by both cores' caches.
+    product_hints: Box<[AtomicU32]>,
+    /// The address the hints count from (the shard array's; any fixed address would do).
+    hint_base: usize,
 }
 
 /// Writes each part as a length byte and its bytes; `None` if a part is over 64 bytes.
@@ -173,9 +177,10 @@ impl Inventory {
     pub fn new(cfg: InventoryConfig) -> Inventory {
         // MAX_SHARDS is a power of two, so rounding up stays within it.
         let n = cfg.shards.clamp(1, MAX_SHARDS).next_power_of_two();
-        let shards = (0..n)
+        let shards: Box<[Padded]> = (0..n)
             .map(|i| Padded(Mutex::new(Shard::new(i, n)), FilterHint::default()))
             .collect();
+        let hint_base = shards.as_ptr() as usize;
         Inventory {
             shards,
             shard_mask: n as u64 - 1,
@@ -189,7 +194,8 @@ impl Inventory {
             restored_any: AtomicBool::new(false),
             sweep_cursor: AtomicUsize::new(0),
             trimming: AtomicBool::new(false),
-            product_hints: (0..PRODUCT_HINTS).map(|_| AtomicUsize::new(0)).collect(),
+            product_hints: (0..PRODUCT_HINTS).map(|_| AtomicU32::new(0)).collect(),
+            hint_base,
         }
     }
 
@@ -202,8 +208,21 @@ impl Inventory {
 
     fn note_product(&self, hash: u64, addr: usize) {
         if let Some(h) = self.product_hints.get(hint_slot(hash)) {
-            h.store(addr, Ordering::Relaxed);
+            let lines = ((addr >> 6) as isize).wrapping_sub((self.hint_base >> 6) as isize);
+            // Two's complement: the distance's 32 bits, read back as an `i32` by `hinted`.
+            h.store(
+                i32::try_from(lines).map_or(0, |d| d as u32),
+                Ordering::Relaxed,
+            );
         }
+    }
+
+    /// The address a hint entry points at (the base's own line for an unknown one).
+    #[inline]
+    fn hinted(&self, hint: u32) -> usize {
+        // Two's complement: the entry is an `i32` distance in lines (see `note_product`).
+        let lines = ((self.hint_base >> 6) as isize).wrapping_add(hint as i32 as isize);
+        (lines as usize) << 6
     }
 
     /// The epoch new ids are issued in (the configured one modulo 2^24).
@@ -328,7 +347,7 @@ impl Inventory {
         }
         let hash = shard::sku_hash(&r.sku);
         if let Some(h) = self.product_hints.get(hint_slot(hash)) {
-            prefetch::prefetch_write(h.load(Ordering::Relaxed) as *const u8);
+            prefetch::prefetch_write(self.hinted(h.load(Ordering::Relaxed)) as *const u8);
         }
         let slot = &self.shards[self.shard_index(hash)];
         // The shard's lock and fields were last touched by whichever core served this shard

@@ -1185,7 +1185,8 @@ fn product_hints_follow_the_products() {
         for (hash, addr) in places {
             if per_slot.get(&hint_slot(hash)) == Some(&1) {
                 let hint = inv.product_hints[hint_slot(hash)].load(Ordering::Relaxed);
-                assert_eq!(hint, addr, "hash {hash:#x}");
+                assert_ne!(hint, 0, "hash {hash:#x} noted");
+                assert_eq!(inv.hinted(hint), addr, "hash {hash:#x}");
                 checked += 1;
             }
         }
