@@ -636,7 +636,7 @@ impl Inventory {
         for rp in state.products {
             let g = &mut guards[self.shard_of(&rp.sku)];
             let mut p = Product::new(rp.spec, rp.stocked);
-            p.sold = rp.sold;
+            p.cold.sold = rp.sold;
             if g.products.insert(rp.sku, p).0.is_some() {
                 sum.duplicate_products += 1;
             } else {
@@ -647,7 +647,7 @@ impl Inventory {
             let g = &mut guards[self.shard_of(&sku)];
             match g.products.get_mut(&sku) {
                 Some(p) => {
-                    let u = p.users.entry(user).or_default();
+                    let u = p.cold.users.entry(user).or_default();
                     u.bought = u.bought.saturating_add(units);
                 }
                 None => sum.skipped_rows += 1,
@@ -667,8 +667,11 @@ impl Inventory {
             if let Some(p) = g.products.at_mut(product) {
                 p.reserved = p.reserved.saturating_add(qty);
                 if p.tracks_held() {
-                    let u: &mut UserUnits =
-                        p.users.entry(Arc::from(res.user.as_str())).or_default();
+                    let u: &mut UserUnits = p
+                        .cold
+                        .users
+                        .entry(Arc::from(res.user.as_str()))
+                        .or_default();
                     u.held = u.held.saturating_add(qty);
                 }
             }
@@ -691,13 +694,13 @@ impl Inventory {
         }
         for g in guards.iter_mut() {
             for (sku, p) in g.products.iter_mut() {
-                let used = p.sold.saturating_add(p.reserved);
-                if used > p.stocked {
+                let used = p.cold.sold.saturating_add(p.reserved);
+                if used > p.cold.stocked {
                     p.available = 0;
-                    p.deficit = used - p.stocked;
+                    p.deficit = used - p.cold.stocked;
                     sum.deficits.push((Arc::clone(sku), p.deficit));
                 } else {
-                    p.available = p.stocked - used;
+                    p.available = p.cold.stocked - used;
                 }
             }
         }
@@ -743,10 +746,10 @@ impl Inventory {
                 st.products.push(RestoredProduct {
                     sku: Arc::clone(sku),
                     spec: p.spec,
-                    stocked: p.stocked,
-                    sold: p.sold,
+                    stocked: p.cold.stocked,
+                    sold: p.cold.sold,
                 });
-                for (user, u) in &p.users {
+                for (user, u) in &p.cold.users {
                     if u.bought > 0 {
                         st.bought
                             .push((Arc::clone(sku), Arc::clone(user), u.bought));
