@@ -683,9 +683,7 @@ impl Inventory {
             g.reservations.insert(
                 res.id.0,
                 Entry {
-                    res: ResHandle::new(res, State::Held as u8),
-                    idem,
-                    idem_seq: idem::UNKNOWN_SEQ,
+                    res: ResHandle::new(res, State::Held as u8, idem.key, idem::UNKNOWN_SEQ),
                     product,
                     wheel,
                 },

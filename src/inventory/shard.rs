@@ -88,12 +88,8 @@ pub(crate) fn wrong_state(id: ResId, s: State, wanted: &str) -> InvError {
 pub(crate) struct Entry {
     /// Shared with the callers it was handed to (handing it out is one reference count, not
     /// one per string); holds the state.
+    /// It also holds the key and place of the reservation's idempotency record (`Live`).
     pub res: ResHandle,
-    /// The key of its idempotency record.
-    pub idem: IdemKey,
-    /// Where that record is in the shard's idempotency ring (`idem::UNKNOWN_SEQ` for a
-    /// restored reservation), so ending the reservation marks it without a lookup.
-    pub idem_seq: u64,
     /// Its product's index in the shard's `Products`.
     pub product: u32,
     /// Its place in the expiry index: `Some` exactly while Pending or Held. A position
@@ -573,6 +569,13 @@ impl Shard {
                 }
             }
         }
+        let rec = IdemRec {
+            id,
+            check: idem_key.check,
+            ended: false,
+        };
+        // `get` found no record of this key above, and nothing since added one.
+        let idem_seq = self.idem.insert_new(idem_key.key, rec, r.now, idem_cap);
         let res = ResHandle::new(
             Reservation {
                 id,
@@ -586,24 +589,17 @@ impl Shard {
                 expires_at,
             },
             State::Pending as u8,
+            idem_key.key,
+            idem_seq,
         );
         let out = res.clone();
         // Pending ones are in the expiry index too: `confirm` makes them Held without the
         // lock, so it cannot insert them; a sweep passes over a due Pending one.
         let wheel = Some(self.add_fresh(id.0));
-        let rec = IdemRec {
-            id,
-            check: idem_key.check,
-            ended: false,
-        };
-        // `get` found no record of this key above, and nothing since added one.
-        let idem_seq = self.idem.insert_new(idem_key.key, rec, r.now, idem_cap);
         self.reservations.insert(
             id.0,
             Entry {
                 res,
-                idem: idem_key,
-                idem_seq,
                 product: pidx,
                 wheel,
             },
@@ -675,7 +671,7 @@ impl Shard {
         if let Some(p) = self.products.at_mut(e.product) {
             p.give_back(&e.res.user, u64::from(e.res.qty));
         }
-        self.idem.remove(e.idem.key, id);
+        self.idem.remove(e.res.0.idem_key, id);
         Ok(())
     }
 
@@ -800,7 +796,7 @@ impl Shard {
                 p.give_back(&e.res.user, qty);
             }
         }
-        self.idem.end(e.idem_seq, e.idem.key, id);
+        self.idem.end(e.res.0.idem_seq, e.res.0.idem_key, id);
         Ok(())
     }
 

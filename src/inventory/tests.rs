@@ -1166,6 +1166,8 @@ fn a_shards_written_fields_fill_its_first_lines() {
         "products at byte {products}"
     );
     assert!(std::mem::offset_of!(Padded, 1) >= WRITTEN_LINES * 64);
+    // A reservation map bucket (id, entry) is 32 bytes, so none straddles two lines.
+    assert_eq!(std::mem::size_of::<(u64, Entry)>(), 32);
 }
 
 /// The product hint table (prefetch only) points at each product's slot after products are

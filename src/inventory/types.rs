@@ -101,13 +101,22 @@ pub(crate) struct Live {
     /// Pending -> Held (`Inventory::confirm`, a compare-and-swap): so under the lock a state
     /// other than Pending is stable, and Pending may become Held at any moment.
     pub state: AtomicU8,
+    /// The key of its idempotency record (`IdemKey::key`), and where `insert_new` put that
+    /// record in the shard's ring (`idem::UNKNOWN_SEQ` for a restored reservation), so
+    /// ending the reservation marks it without a lookup. Here rather than in the shard's
+    /// `Entry`, which they would make 56 bytes instead of 24 (a map bucket then straddles
+    /// two cache lines, each written by every reserve).
+    pub idem_key: u64,
+    pub idem_seq: u64,
 }
 
 impl ResHandle {
-    pub(crate) fn new(res: Reservation, state: u8) -> ResHandle {
+    pub(crate) fn new(res: Reservation, state: u8, idem_key: u64, idem_seq: u64) -> ResHandle {
         ResHandle(Arc::new(Live {
             res,
             state: AtomicU8::new(state),
+            idem_key,
+            idem_seq,
         }))
     }
 
