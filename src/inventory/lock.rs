@@ -6,9 +6,12 @@
 //! locked instruction waits for every store the critical section made to reach the cache,
 //! most of them to lines the other core wrote last. A release by plain store lets the core
 //! go on while those stores drain. The price is that a waiter never sleeps on a futex: it
-//! spins briefly, then yields its time slice, then sleeps for short, growing intervals
-//! (bounded), re-trying the lock each time. Nothing has to wake it, so no wake-up can be
-//! lost, and a holder preempted by the OS costs the waiters a few yields, not a busy core.
+//! spins a few microseconds, trying less and less often, then sleeps for short, growing
+//! intervals (bounded), re-trying the lock each time. Nothing has to wake it, so no wake-up
+//! can be lost, and a holder preempted by the OS costs the waiters short sleeps, not a busy
+//! core. It does not yield: with as many busy threads as cores a yield returns at once, and
+//! a waiter that yielded instead of sleeping kept taking the lock's lines from the holder
+//! (one hot SKU on two threads ran at a third of the speed, docs/inventory.md).
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::time::Duration;
@@ -23,12 +26,13 @@ pub(crate) fn waits() -> u64 {
     WAITS.load(Ordering::Relaxed)
 }
 
-/// Spins (with the CPU's spin-loop hint) before the first yield: about as long as a
-/// critical section of the core (a few hundred nanoseconds).
-const SPINS: u32 = 64;
-/// Yields before the first sleep.
-const YIELDS: u32 = 16;
-/// Longest sleep between two tries once yielding did not help.
+/// Tries by spinning before the first sleep.
+const SPINS: u32 = 12;
+/// The pause between two spinning tries doubles this many times (from 2 spin-loop hints to
+/// 64): about 450 hints in all before the first sleep, 7-9 µs here (measured: 15-19 ns a
+/// hint), the first tries within a microsecond.
+const BACKOFF_DOUBLINGS: u32 = 6;
+/// Longest sleep between two tries once spinning did not help.
 const MAX_SLEEP: Duration = Duration::from_micros(200);
 
 /// The raw lock (`lock_api::RawMutex`); `ShardMutex<T>` is the mutex built on it.
@@ -45,15 +49,17 @@ impl RawShardLock {
         let mut sleep = Duration::from_micros(1);
         loop {
             // Test before test-and-set: waiting reads a shared line, it does not take it
-            // from the holder on every spin.
+            // from the holder on every try.
             if self.locked.load(Ordering::Relaxed) == 0 && self.try_take() {
                 return;
             }
             tries = tries.saturating_add(1);
             if tries < SPINS {
-                std::hint::spin_loop();
-            } else if tries < SPINS + YIELDS {
-                std::thread::yield_now();
+                // 2, 4, 8 ... MAX_BACKOFF spin-loop hints between two tries: every try
+                // asks the holder's core for the lock's line.
+                for _ in 0..1u32 << tries.min(BACKOFF_DOUBLINGS) {
+                    std::hint::spin_loop();
+                }
             } else {
                 std::thread::sleep(sleep);
                 sleep = (sleep * 2).min(MAX_SLEEP);
@@ -146,7 +152,7 @@ mod tests {
         assert_eq!(*m.lock(), THREADS as u64 * ROUNDS);
     }
 
-    /// A waiter that runs out of spins and yields goes to sleep, is woken by nobody, and
+    /// A waiter that runs out of spins goes to sleep, is woken by nobody, and
     /// still takes the lock once it is free, seeing what the holder wrote; the wait is
     /// counted; `try_lock` fails while the lock is held.
     #[test]
@@ -159,7 +165,7 @@ mod tests {
             let m = Arc::clone(&m);
             std::thread::spawn(move || *m.lock())
         };
-        // Long enough for the waiter to pass its spins and yields and sleep.
+        // Long enough for the waiter to pass its spins (under 10 µs) and sleep.
         std::thread::sleep(Duration::from_millis(50));
         *g = 7;
         drop(g);
