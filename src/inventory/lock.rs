@@ -55,8 +55,8 @@ impl RawShardLock {
             }
             tries = tries.saturating_add(1);
             if tries < SPINS {
-                // 2, 4, 8 ... MAX_BACKOFF spin-loop hints between two tries: every try
-                // asks the holder's core for the lock's line.
+                // 2, 4, 8 ... 64 (1 << BACKOFF_DOUBLINGS) spin-loop hints between two
+                // tries: every try asks the holder's core for the lock's line.
                 for _ in 0..1u32 << tries.min(BACKOFF_DOUBLINGS) {
                     std::hint::spin_loop();
                 }
