@@ -6,11 +6,11 @@
 //! wire format. Every state change is two-phase (`reserve` then `confirm_reserve` or
 //! `abort_reserve`, `begin_*` then `finish_*`) so the gateway can write the change durably
 //! before it tells a client, and undo it when the write fails, without ever overselling.
-//! Each SKU lives in one shard (a mutex on the core's own lock, `lock.rs`, held for a few hundred nanoseconds,
-//! never across an `.await`; the exceptions are the doubling of a shard's idempotency table,
-//! a copy as long as its records, a handful of times while it fills, and the sweeps); only
-//! checkout and batch finishes lock several shards, always in ascending index order. See
-//! docs/inventory.md for the contract and invariants.
+//! Each SKU lives in one shard (a mutex on the core's own lock, `lock.rs`, held for a few
+//! hundred nanoseconds, never across an `.await`; the exceptions are the doubling of a
+//! shard's idempotency table, a copy as long as its records, a handful of times while it
+//! fills, and the sweeps); only checkout and batch finishes lock several shards, always in
+//! ascending index order. See docs/inventory.md for the contract and invariants.
 
 mod filter;
 mod idem;
@@ -231,7 +231,7 @@ impl Inventory {
     }
 
     /// How many times a shard lock was found taken, so its taker waited (spinning, then
-    /// yielding, then sleeping), since the process started; process-wide (all
+    /// sleeping), since the process started; process-wide (all
     /// `Inventory`s together). Exported as `livegate_inventory_lock_waits_total`.
     pub fn lock_waits(&self) -> u64 {
         lock::waits()
@@ -759,13 +759,7 @@ impl Inventory {
             // Records keep no strings: only those of live reservations can be listed.
             for rec in g.idem.records().filter(|r| !r.ended) {
                 if let Some(e) = g.reservations.get(&rec.id.0) {
-                    st.idempotency.push((
-                        Arc::from(e.res.user.as_str()),
-                        Arc::from(e.res.req.as_str()),
-                        Arc::from(e.res.sku.as_str()),
-                        rec.id,
-                        false,
-                    ));
+                    st.idempotency.push(e.res.live_idem());
                 }
             }
         }

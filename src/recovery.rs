@@ -85,13 +85,7 @@ pub async fn restore(app: &Arc<App>) -> Result<(), redis::RedisError> {
     for (id, json) in &records {
         match parse_reservation(id, json) {
             Some(r) => {
-                held_idem.push((
-                    Arc::from(r.user.as_str()),
-                    Arc::from(r.req.as_str()),
-                    Arc::from(r.sku.as_str()),
-                    r.id,
-                    false,
-                ));
+                held_idem.push(r.live_idem());
                 state.reservations.push(r);
             }
             None => bad += 1,

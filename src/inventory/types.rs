@@ -163,6 +163,20 @@ pub struct Reservation {
     pub expires_at: u64,
 }
 
+impl Reservation {
+    /// The idempotency record of this reservation while it is live: its (user, req, sku)
+    /// made it, and it has not ended (what a snapshot lists and a restore rebuilds).
+    pub fn live_idem(&self) -> RestoredIdem {
+        (
+            Arc::from(self.user.as_str()),
+            Arc::from(self.req.as_str()),
+            Arc::from(self.sku.as_str()),
+            self.id,
+            false,
+        )
+    }
+}
+
 /// What an anchor sets on a product (stock is separate: see `upsert` and `restock`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProductSpec {
