@@ -358,11 +358,14 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-/// `INV_CYCLES=<n> [INV_HOT=1] [INV_THREADS=t] [INV_OWN_SHARDS=1]`: runs `n` cycles of the
-/// 64-shard core (with `INV_OWN_SHARDS=1` each thread on shards of its own)
+/// `INV_CYCLES=<n> [INV_HOT=1] [INV_THREADS=t] [INV_OWN_SHARDS=1] [INV_SPLIT=k]`: runs `n`
+/// cycles of the 64-shard core (with `INV_OWN_SHARDS=1` each thread on shards of its own)
 /// without criterion and exits, for instruction counts under
 /// `valgrind --tool=callgrind` (run it with `n` and `2n`: the difference over `n` is the
-/// cost of one cycle, setup excluded).
+/// cost of one cycle, setup excluded). With `INV_SPLIT=k` the `n` cycles run as `k` runs
+/// with fresh threads each, as criterion's samples do, after an untimed million cycles that
+/// fill the idempotency window (as criterion's warm-up does): what starting threads per
+/// sample costs.
 fn fixed_run() -> bool {
     let Some(n) = std::env::var("INV_CYCLES")
         .ok()
@@ -393,7 +396,24 @@ fn fixed_run() -> bool {
     } else {
         keys.skus.clone()
     };
-    let d = run(&inv, &keys, &skus, threads, hot, n, &mut base);
+    let split = std::env::var("INV_SPLIT")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(1)
+        .max(1);
+    if split > 1 {
+        let _ = run(&inv, &keys, &skus, threads, hot, 1_000_000, &mut base);
+    }
+    let mut d = Timing {
+        wall: Duration::ZERO,
+        cpu: Duration::ZERO,
+    };
+    for _ in 0..split {
+        let t = run(&inv, &keys, &skus, threads, hot, n / split, &mut base);
+        d.wall += t.wall;
+        d.cpu += t.cpu;
+    }
+    let n = n / split * split;
     let rate = |t: Duration| n as f64 / t.as_secs_f64().max(1e-9) / 1e6;
     eprintln!(
         "{n} cycles, {threads} thread(s): wall {:?} ({:.2} M/s), slowest thread's CPU {:?} ({:.2} M/s)",
@@ -405,10 +425,51 @@ fn fixed_run() -> bool {
     true
 }
 
+/// `INV_PINGPONG=<n>`: bounces one cache line between two threads `n` times and prints the
+/// round trip in ns (two transfers of a line between the cores), then exits. On a shared
+/// virtual machine this moves by several times from minute to minute (where the host puts
+/// the two vCPUs), and the two-thread many-SKU figure moves with it: run it beside the
+/// fixed-count runs to see which kind of minute they ran in.
+fn pingpong_run() -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    #[repr(align(128))]
+    struct Line(AtomicU64);
+    let Some(n) = std::env::var("INV_PINGPONG")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return false;
+    };
+    let line = Line(AtomicU64::new(0));
+    let wall = std::thread::scope(|s| {
+        s.spawn(|| {
+            for i in 0..n {
+                while line.0.load(Ordering::Acquire) != 2 * i + 1 {
+                    std::hint::spin_loop();
+                }
+                line.0.store(2 * i + 2, Ordering::Release);
+            }
+        });
+        let t0 = Instant::now();
+        for i in 0..n {
+            line.0.store(2 * i + 1, Ordering::Release);
+            while line.0.load(Ordering::Acquire) != 2 * i + 2 {
+                std::hint::spin_loop();
+            }
+        }
+        t0.elapsed()
+    });
+    eprintln!(
+        "{n} round trips of one cache line between two threads: {:.0} ns each",
+        wall.as_nanos() as f64 / n.max(1) as f64
+    );
+    true
+}
+
 criterion_group!(benches, bench);
 
 fn main() {
-    if fixed_run() {
+    if pingpong_run() || fixed_run() {
         return;
     }
     benches();
