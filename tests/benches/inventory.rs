@@ -358,6 +358,11 @@ fn bench(c: &mut Criterion) {
     }
 }
 
+/// The number in environment variable `name`, if it is set and parses.
+fn env_num<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
 /// `INV_CYCLES=<n> [INV_HOT=1] [INV_THREADS=t] [INV_OWN_SHARDS=1] [INV_SPLIT=k]`: runs `n`
 /// cycles of the 64-shard core (with `INV_OWN_SHARDS=1` each thread on shards of its own)
 /// without criterion and exits, for instruction counts under
@@ -367,26 +372,13 @@ fn bench(c: &mut Criterion) {
 /// fill the idempotency window (as criterion's warm-up does): what starting threads per
 /// sample costs.
 fn fixed_run() -> bool {
-    let Some(n) = std::env::var("INV_CYCLES")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    else {
+    let Some(n) = env_num::<u64>("INV_CYCLES") else {
         return false;
     };
     let hot = std::env::var("INV_HOT").is_ok_and(|v| v == "1");
-    let threads = std::env::var("INV_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1usize)
-        .clamp(1, 2);
-    let window = std::env::var("INV_WINDOW")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or(4096 * 64);
-    let shards = std::env::var("INV_SHARDS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or(64);
+    let threads = env_num("INV_THREADS").unwrap_or(1usize).clamp(1, 2);
+    let window = env_num("INV_WINDOW").unwrap_or(4096 * 64);
+    let shards = env_num("INV_SHARDS").unwrap_or(64);
     let keys = Keys::new(2);
     let inv = sharded(&keys, shards, window);
     let mut base = 0u64;
@@ -396,11 +388,7 @@ fn fixed_run() -> bool {
     } else {
         keys.skus.clone()
     };
-    let split = std::env::var("INV_SPLIT")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(1)
-        .max(1);
+    let split = env_num("INV_SPLIT").unwrap_or(1u64).max(1);
     if split > 1 {
         let _ = run(&inv, &keys, &skus, threads, hot, 1_000_000, &mut base);
     }
@@ -434,10 +422,7 @@ fn pingpong_run() -> bool {
     use std::sync::atomic::{AtomicU64, Ordering};
     #[repr(align(128))]
     struct Line(AtomicU64);
-    let Some(n) = std::env::var("INV_PINGPONG")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    else {
+    let Some(n) = env_num::<u64>("INV_PINGPONG") else {
         return false;
     };
     let line = Line(AtomicU64::new(0));
