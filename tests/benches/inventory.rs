@@ -363,8 +363,10 @@ fn env_num<T: std::str::FromStr>(name: &str) -> Option<T> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
-/// `INV_CYCLES=<n> [INV_HOT=1] [INV_THREADS=t] [INV_OWN_SHARDS=1] [INV_SPLIT=k]`: runs `n`
-/// cycles of the 64-shard core (with `INV_OWN_SHARDS=1` each thread on shards of its own)
+/// `INV_CYCLES=<n> [INV_HOT=1] [INV_THREADS=t] [INV_OWN_SHARDS=1] [INV_SHARDS=s]
+/// [INV_WINDOW=records] [INV_SPLIT=k]`: runs `n` cycles of the core (64 shards and a
+/// 262,144-record idempotency window unless told; with `INV_OWN_SHARDS=1` each thread on
+/// shards of its own)
 /// without criterion and exits, for instruction counts under
 /// `valgrind --tool=callgrind` (run it with `n` and `2n`: the difference over `n` is the
 /// cost of one cycle, setup excluded). With `INV_SPLIT=k` the `n` cycles run as `k` runs
