@@ -16,6 +16,7 @@ mod filter;
 mod idem;
 mod lock;
 mod prefetch;
+mod resmap;
 mod shard;
 mod types;
 mod wheel;

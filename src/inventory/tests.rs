@@ -1218,7 +1218,8 @@ fn audit_expiry_index(inv: &Inventory) {
     for slot in inv.shards.iter() {
         let g = lock(slot);
         let mut in_wheel = 0;
-        for (&raw, e) in &g.reservations {
+        for e in g.reservations.values() {
+            let raw = e.res.id.0;
             let live = matches!(e.state(), State::Pending | State::Held);
             assert_eq!(e.wheel.is_some(), live, "{:?} {:?}", e.res.id, e.state());
             match e.wheel {
