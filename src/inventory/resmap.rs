@@ -213,6 +213,13 @@ mod tests {
     /// that collide in different ways (a small range, consecutive counters of one shard of
     /// 64, multiples of a large power of two, anything): the same answers throughout, and
     /// after each step every id the model holds is found and the table is at most half full.
+    /// A slot is 32 bytes (the id and an `Entry`, whose `Option` costs nothing: the handle
+    /// is never null), so two share a cache line and none straddles two.
+    #[test]
+    fn a_slot_is_half_a_cache_line() {
+        assert_eq!(std::mem::size_of::<Slot>(), 32);
+    }
+
     #[test]
     fn res_map_matches_a_hash_map() {
         let mut seed = 0x2545_f491_4f6c_dd1d_u64;
