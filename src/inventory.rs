@@ -14,6 +14,7 @@
 
 mod filter;
 mod idem;
+mod keyhash;
 mod lock;
 mod prefetch;
 mod resmap;
@@ -95,6 +96,8 @@ pub struct Inventory {
     /// random source, so a client choosing `req` cannot aim collisions at the index.
     idem_seed: u64,
     idem_shared: SharedSeed,
+    /// Seeds of the idempotency key of short parts (`keyhash.rs`), also per `Inventory`.
+    idem_short: keyhash::ShortKeys,
     /// Current-epoch ids with a counter >= this were issued by this process since the last
     /// restore, so their shard is `counter % shards`; other ids need a scan.
     fresh_floor: AtomicU64,
@@ -191,6 +194,7 @@ impl Inventory {
             idem_cap: cfg.idempotency_cap.clamp(1, 1 << 31),
             idem_seed: rand::random(),
             idem_shared: SharedSeed::from_u64(rand::random()),
+            idem_short: keyhash::ShortKeys::random(),
             fresh_floor: AtomicU64::new(0),
             restored_any: AtomicBool::new(false),
             sweep_cursor: AtomicUsize::new(0),
@@ -284,8 +288,12 @@ impl Inventory {
     }
 
     fn idem_key(&self, user: &str, req: &str, sku: &str) -> IdemKey {
-        // One contiguous, length-prefixed write when the parts are short (protocol ids are
-        // at most 64 chars): the hashers pay per write call, and this is on every reserve.
+        // Parts of at most 16 bytes each (the usual ids): hashed from the strings, no buffer.
+        if let Some(k) = self.idem_short.key(user, req, sku) {
+            return k;
+        }
+        // Longer parts: one contiguous, length-prefixed write when they fit (protocol ids
+        // are at most 64 chars): the hashers pay per write call.
         // The check hash reads the same bytes. Usual keys fit a 64-byte buffer, which is
         // cheaper to clear than the 195 bytes the longest need; the bytes hashed are the
         // same in either.

@@ -16,6 +16,7 @@ use std::hash::BuildHasher;
 use rustc_hash::{FxBuildHasher, FxHashMap};
 
 use super::idem::IdemTable;
+use super::keyhash::{word4, word8};
 use super::resmap::ResMap;
 use super::types::{
     InvError, ProductCounts, ProductSpec, ResHandle, ResId, Reservation, ReserveOutcome,
@@ -259,22 +260,6 @@ const INLINE_SKU: usize = 15;
 struct InlineSku {
     len: u8,
     bytes: [u8; INLINE_SKU],
-}
-
-/// The 8 bytes of `b` from `at` as a little-endian word (0 if `b` is shorter).
-#[inline]
-fn word8(b: &[u8], at: usize) -> u64 {
-    b.get(at..at.wrapping_add(8))
-        .and_then(|w| <[u8; 8]>::try_from(w).ok())
-        .map_or(0, u64::from_le_bytes)
-}
-
-/// The 4 bytes of `b` from `at` as a little-endian word (0 if `b` is shorter).
-#[inline]
-fn word4(b: &[u8], at: usize) -> u32 {
-    b.get(at..at.wrapping_add(4))
-        .and_then(|w| <[u8; 4]>::try_from(w).ok())
-        .map_or(0, u32::from_le_bytes)
 }
 
 impl InlineSku {
