@@ -372,7 +372,8 @@ fn env_num<T: std::str::FromStr>(name: &str) -> Option<T> {
 /// cost of one cycle, setup excluded). With `INV_SPLIT=k` the `n` cycles run as `k` runs
 /// with fresh threads each, as criterion's samples do, after an untimed million cycles that
 /// fill the idempotency window (as criterion's warm-up does): what starting threads per
-/// sample costs.
+/// sample costs. It prints the rate by wall time and by the slowest thread's CPU time, and
+/// how many times a shard's lock was found taken (`Inventory::lock_waits`).
 fn fixed_run() -> bool {
     let Some(n) = env_num::<u64>("INV_CYCLES") else {
         return false;
@@ -406,11 +407,12 @@ fn fixed_run() -> bool {
     let n = n / split * split;
     let rate = |t: Duration| n as f64 / t.as_secs_f64().max(1e-9) / 1e6;
     eprintln!(
-        "{n} cycles, {threads} thread(s): wall {:?} ({:.2} M/s), slowest thread's CPU {:?} ({:.2} M/s)",
+        "{n} cycles, {threads} thread(s): wall {:?} ({:.2} M/s), slowest thread's CPU {:?} ({:.2} M/s), {} lock waits",
         d.wall,
         rate(d.wall),
         d.cpu,
-        rate(d.cpu)
+        rate(d.cpu),
+        inv.lock_waits()
     );
     true
 }
