@@ -109,13 +109,7 @@ mod tests {
     /// ones, give as many distinct (length, words) as distinct strings.
     #[test]
     fn ends_and_length_determine_a_short_part() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = crate::inventory::tests::xorshift(0x9e37_79b9_7f4a_7c15_u64);
         for len in 0..=SHORT_PART {
             let mut strings = HashSet::new();
             let mut words = HashSet::new();

@@ -222,13 +222,7 @@ mod tests {
 
     #[test]
     fn res_map_matches_a_hash_map() {
-        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = crate::inventory::tests::xorshift(0x2545_f491_4f6c_dd1d_u64);
         let pools: [fn(u64) -> u64; 4] = [
             |r| r % 40,
             |r| (1 << 40) | ((r % 300) * 64 + 5),
