@@ -34,6 +34,24 @@ pub(crate) fn word4(b: &[u8], at: usize) -> u32 {
         .map_or(0, u32::from_le_bytes)
 }
 
+/// Whether `a` and `b` hold the same bytes: for 4 to 16 bytes as two overlapping words a
+/// side (the first and last 8, or 4), which cover every byte, instead of a `memcmp` call;
+/// other lengths as slices.
+#[inline]
+pub(crate) fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    let len = a.len();
+    if len != b.len() {
+        return false;
+    }
+    if (8..=SHORT_PART).contains(&len) {
+        word8(a, 0) == word8(b, 0) && word8(a, len - 8) == word8(b, len - 8)
+    } else if (4..8).contains(&len) {
+        word4(a, 0) == word4(b, 0) && word4(a, len - 4) == word4(b, len - 4)
+    } else {
+        a == b
+    }
+}
+
 /// Two words that, with `s.len()` (at most `SHORT_PART`), determine `s`: its first and last
 /// 8 bytes (overlapping when shorter than 16), its first and last 4 when shorter than 8,
 /// its first, middle and last byte when shorter than 4.
@@ -122,6 +140,25 @@ mod tests {
                 strings.insert(s);
             }
             assert_eq!(strings.len(), words.len(), "length {len}");
+        }
+    }
+
+    /// `same_bytes` agrees with slice equality at every length 0 to 20, for equal slices and
+    /// for slices that differ in one byte at each position or in length.
+    #[test]
+    fn same_bytes_is_slice_equality() {
+        let text = b"abcdefghijklmnopqrstu";
+        for len in 0..=20 {
+            let a = &text[..len];
+            // Another buffer with the same bytes.
+            let copy = a.to_vec();
+            assert!(same_bytes(a, &copy), "{len}");
+            for at in 0..len {
+                let mut b = a.to_vec();
+                b[at] = b'Z';
+                assert!(!same_bytes(a, &b), "{len} at {at}");
+            }
+            assert!(!same_bytes(a, &text[..len + 1]));
         }
     }
 
