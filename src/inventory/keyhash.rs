@@ -20,7 +20,7 @@ const CHECK_K: u64 = 0xf135_7aea_2e62_a9c5;
 
 /// The 8 bytes of `b` from `at` as a little-endian word (0 if `b` is shorter).
 #[inline]
-pub(crate) fn word8(b: &[u8], at: usize) -> u64 {
+fn word8(b: &[u8], at: usize) -> u64 {
     b.get(at..at.wrapping_add(8))
         .and_then(|w| <[u8; 8]>::try_from(w).ok())
         .map_or(0, u64::from_le_bytes)
@@ -28,7 +28,7 @@ pub(crate) fn word8(b: &[u8], at: usize) -> u64 {
 
 /// The 4 bytes of `b` from `at` as a little-endian word (0 if `b` is shorter).
 #[inline]
-pub(crate) fn word4(b: &[u8], at: usize) -> u32 {
+fn word4(b: &[u8], at: usize) -> u32 {
     b.get(at..at.wrapping_add(4))
         .and_then(|w| <[u8; 4]>::try_from(w).ok())
         .map_or(0, u32::from_le_bytes)

@@ -270,12 +270,10 @@ impl InlineSku {
     /// round).
     #[inline]
     fn matches(&self, sku: &[u8]) -> bool {
-        let len = usize::from(self.len);
-        len <= INLINE_SKU
-            && self
-                .bytes
-                .get(..len)
-                .is_some_and(|own| same_bytes(own, sku))
+        // A long SKU's `len` (u8::MAX) is past the inline bytes: `get` says `None`.
+        self.bytes
+            .get(..usize::from(self.len))
+            .is_some_and(|own| same_bytes(own, sku))
     }
 
     fn of(sku: &str) -> InlineSku {
@@ -755,7 +753,7 @@ impl Shard {
         to: State,
     ) -> Result<ResHandle, InvError> {
         let e = self.entry(id)?;
-        if user.is_some_and(|u| !same_str(&e.res.user, u)) {
+        if user.is_some_and(|u| !same_bytes(e.res.user.as_bytes(), u.as_bytes())) {
             return Err(InvError::NotFound);
         }
         // Held is stable under the lock (only Pending changes without it).
@@ -945,12 +943,6 @@ impl Shard {
             }
         }
     }
-}
-
-/// `a == b`, without comparing bytes when both are the same string in memory (the gateway
-/// usually passes the session's own `Arc<str>` of the user).
-fn same_str(a: &str, b: &str) -> bool {
-    same_bytes(a.as_bytes(), b.as_bytes())
 }
 
 fn alloc_id(next_k: &mut u64, index: u64, nshards: u64, epoch: u32) -> Result<ResId, InvError> {

@@ -373,7 +373,8 @@ fn env_num<T: std::str::FromStr>(name: &str) -> Option<T> {
 /// with fresh threads each, as criterion's samples do, after an untimed million cycles that
 /// fill the idempotency window (as criterion's warm-up does): what starting threads per
 /// sample costs. It prints the rate by wall time and by the slowest thread's CPU time, and
-/// how many times a shard's lock was found taken (`Inventory::lock_waits`).
+/// how many times since the process started (warm-up included) a shard's lock was found
+/// taken (`Inventory::lock_waits`).
 fn fixed_run() -> bool {
     let Some(n) = env_num::<u64>("INV_CYCLES") else {
         return false;
