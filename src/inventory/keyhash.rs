@@ -9,11 +9,14 @@
 //! Before the thirteenth round every key was packed into a zeroed buffer (a `memset` and
 //! three `memcpy` calls) and hashed twice over it (foldhash, FxHash): ~135 instructions a
 //! reserve under callgrind. Longer parts still take that path (`Inventory::idem_key`).
+//!
+//! It also owns `same_bytes`, the same two-word reading used as a comparison (an inline SKU
+//! in the product table, the owner check of a release), in place of `memcmp` calls.
 
 use super::shard::IdemKey;
 
 /// Longest part hashed here.
-pub(crate) const SHORT_PART: usize = 16;
+const SHORT_PART: usize = 16;
 
 /// The multiplier of the check hash (rustc-hash's, an odd constant with well-spread bits).
 const CHECK_K: u64 = 0xf135_7aea_2e62_a9c5;
