@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use super::filter::{self, Filter, MAX_GENS};
 use super::prefetch::{prefetch, prefetch_write};
+use super::resmap::stays_in_run;
 use super::shard::IdemRec;
 use super::types::ResId;
 
@@ -491,14 +492,8 @@ impl IdemTable {
             if e == 0 {
                 break;
             }
-            let h = self.home(e >> 32);
             // Move `e` back into `i` unless its home lies cyclically in (i, j].
-            let stays = if i <= j {
-                i < h && h <= j
-            } else {
-                i < h || h <= j
-            };
-            if !stays {
+            if !stays_in_run(i, self.home(e >> 32), j) {
                 self.index[i] = e;
                 i = j;
             }

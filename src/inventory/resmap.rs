@@ -33,6 +33,19 @@ impl Slot {
     const EMPTY: Slot = Slot { id: 0, entry: None };
 }
 
+/// For backward-shift deletion in a linear-probing table (here and the idempotency index,
+/// `idem.rs`): whether the entry at `at`, whose probe starts at `home`, must stay where it
+/// is after `hole` was emptied, i.e. its home lies cyclically in `(hole, at]` (moving it
+/// back would put it before its home, where no probe for it starts).
+#[inline]
+pub(crate) fn stays_in_run(hole: usize, home: usize, at: usize) -> bool {
+    if hole <= at {
+        hole < home && home <= at
+    } else {
+        hole < home || home <= at
+    }
+}
+
 /// Live reservations by raw id (`ResId::0`).
 pub(crate) struct ResMap {
     slots: Box<[Slot]>,
@@ -157,14 +170,7 @@ impl ResMap {
             if next.entry.is_none() {
                 break;
             }
-            let home = self.home(next.id);
-            // `next` may fill the hole unless its home lies cyclically in (hole, at].
-            let stays = if hole <= at {
-                hole < home && home <= at
-            } else {
-                hole < home || home <= at
-            };
-            if stays {
+            if stays_in_run(hole, self.home(next.id), at) {
                 continue;
             }
             let moved = self.slots.get_mut(at).map(|s| (s.id, s.entry.take()));
