@@ -235,6 +235,23 @@ impl IdemTable {
         seq
     }
 
+    /// Hints that the next insert's ring slot (both ends: a slot may straddle two lines)
+    /// and staged entry will be written soon (`Shard::prefetch_appends`).
+    #[inline]
+    pub(crate) fn prefetch_appends(&self) {
+        prefetch_write(self.staged.as_ptr().wrapping_add(self.staged.len()));
+        let slot = self
+            .ring
+            .buf
+            .as_ptr()
+            .wrapping_add(self.ring.at(self.ring.len));
+        prefetch_write(slot);
+        prefetch_write(
+            slot.cast::<u8>()
+                .wrapping_add(std::mem::size_of::<Slot>() - 1),
+        );
+    }
+
     /// Marks the live record of `key` ended if it is reservation `id`'s. `seq` is where
     /// `insert_new` put it (`UNKNOWN_SEQ` if not known: a restored reservation): the record
     /// is then read straight from the ring, with no lookup. A record that left the ring or

@@ -15,6 +15,7 @@
 //! reservations mixed keep the probe runs of a random table (about 1.5 slots per lookup at
 //! half full) instead of the long runs a dense block of consecutive ids would make.
 
+use super::prefetch::prefetch_write;
 use super::shard::Entry;
 
 /// 2^64 / phi, odd: multiplying by it and keeping the top bits is Fibonacci hashing.
@@ -93,6 +94,13 @@ impl ResMap {
             }
             at = (at + 1) & mask;
         }
+    }
+
+    /// Hints that the home slot of `id` will be written soon (an insert of `id` writes it,
+    /// or probes on from it).
+    #[inline]
+    pub(crate) fn prefetch_home(&self, id: u64) {
+        prefetch_write(self.slots.as_ptr().wrapping_add(self.home(id)));
     }
 
     #[cfg(test)]

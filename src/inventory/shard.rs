@@ -17,6 +17,7 @@ use rustc_hash::{FxBuildHasher, FxHashMap};
 
 use super::idem::IdemTable;
 use super::keyhash::same_bytes;
+use super::prefetch::prefetch_write;
 use super::resmap::ResMap;
 use super::types::{
     InvError, ProductCounts, ProductSpec, ResHandle, ResId, Reservation, ReserveOutcome,
@@ -582,6 +583,7 @@ impl Shard {
         epoch: u32,
         idem_cap: usize,
     ) -> Result<ReserveOutcome, InvError> {
+        self.prefetch_appends(epoch);
         // Disjoint field borrows: the product stays borrowed while the other maps are used.
         let Some((pidx, product)) = self.products.find_mut(sku_hash, &r.sku) else {
             return Err(InvError::UnknownSku);
@@ -675,6 +677,26 @@ impl Shard {
             },
         );
         Ok(ReserveOutcome::New(out))
+    }
+
+    /// Hints, as soon as the lock is held, that the lines a new reservation appends to will
+    /// be written: the record ring's next slot and the staged list's end (`idem.rs`), the
+    /// end of `fresh`, and the reservation map's home slot of the next id. Each is a line
+    /// of this shard that whichever core served it last wrote; fetched here, their
+    /// transfers overlap the product and filter lookups instead of stalling the stores at
+    /// the end of the reserve (or the next locked instruction, which waits for them):
+    /// 1.10x on two threads over many SKUs, 1.01x on one (fourteenth round).
+    #[inline]
+    fn prefetch_appends(&self, epoch: u32) {
+        self.idem.prefetch_appends();
+        prefetch_write(self.fresh.as_ptr().wrapping_add(self.fresh.len()));
+        // The id `alloc_id` will issue (a wrong guess, at the end of an epoch, only wastes
+        // the fetch).
+        let next = self
+            .next_k
+            .wrapping_mul(self.nshards)
+            .wrapping_add(self.index);
+        self.reservations.prefetch_home(ResId::new(epoch, next).0);
     }
 
     pub(crate) fn insert_idem(&mut self, key: u64, rec: IdemRec, at: u64, cap: usize) {
