@@ -20,8 +20,7 @@ use super::keyhash::same_bytes;
 use super::prefetch::prefetch_write;
 use super::resmap::ResMap;
 use super::types::{
-    InvError, ProductCounts, ProductSpec, ResHandle, ResId, Reservation, ReserveOutcome,
-    ReserveRequest, COUNTER_MASK,
+    Draft, InvError, ProductCounts, ProductSpec, ResHandle, ResId, ReserveOutcome, COUNTER_MASK,
 };
 use super::wheel::{Pos, Wheel};
 
@@ -575,15 +574,22 @@ impl Shard {
         self.next_k = self.next_k.max(k);
     }
 
+    /// Takes the units of `draft`'s request (made at `now`) on success, setting the draft's
+    /// id, price and expiry and taking it out of `draft`; on any error `draft` is left for
+    /// the caller to drop after the lock is released.
     pub(crate) fn reserve(
         &mut self,
-        r: ReserveRequest,
+        draft: &mut Option<Draft>,
+        now: u64,
         sku_hash: u64,
         idem_key: IdemKey,
         epoch: u32,
         idem_cap: usize,
     ) -> Result<ReserveOutcome, InvError> {
         self.prefetch_appends(epoch);
+        let Some(r) = draft.as_ref().map(Draft::res) else {
+            return Err(InvError::Invalid("no request"));
+        };
         // Disjoint field borrows: the product stays borrowed while the other maps are used.
         let Some((pidx, product)) = self.products.find_mut(sku_hash, &r.sku) else {
             return Err(InvError::UnknownSku);
@@ -622,9 +628,7 @@ impl Shard {
             });
         }
         let id = alloc_id(&mut self.next_k, self.index, self.nshards, epoch)?;
-        let expires_at = r
-            .now
-            .saturating_add(u64::from(product.spec.ttl_s).saturating_mul(1000));
+        let expires_at = now.saturating_add(u64::from(product.spec.ttl_s).saturating_mul(1000));
         product.available -= qty;
         product.reserved = product.reserved.saturating_add(qty);
         if limit > 0 {
@@ -641,29 +645,18 @@ impl Shard {
                 }
             }
         }
+        let price_cents = product.spec.price_cents;
         let rec = IdemRec {
             id,
             check: idem_key.check,
             ended: false,
         };
         // `get` found no record of this key above, and nothing since added one.
-        let idem_seq = self.idem.insert_new(idem_key.key, rec, r.now, idem_cap);
-        let res = ResHandle::new(
-            Reservation {
-                id,
-                user: r.user,
-                req: r.req,
-                room: r.room,
-                referrer: r.referrer,
-                sku: r.sku,
-                qty: r.qty,
-                price_cents: product.spec.price_cents,
-                expires_at,
-            },
-            State::Pending as u8,
-            idem_key.key,
-            idem_seq,
-        );
+        let idem_seq = self.idem.insert_new(idem_key.key, rec, now, idem_cap);
+        let Some(draft) = draft.take() else {
+            return Err(InvError::Invalid("no request"));
+        };
+        let res = draft.finish(id, price_cents, expires_at, State::Pending as u8, idem_seq);
         let out = res.clone();
         // Pending ones are in the expiry index too: `confirm` makes them Held without the
         // lock, so it cannot insert them; a sweep passes over a due Pending one.

@@ -1425,3 +1425,45 @@ pub(crate) fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
         seed
     }
 }
+
+/// A reservation's handle is built from the request before the lock (`Draft`): the handle
+/// `reserve` returns carries every field of the request and those set under the lock (id,
+/// price, expiry, Pending), and the one the core keeps is the same reservation. A refused
+/// reserve (its draft dropped) takes nothing.
+#[test]
+fn the_handle_built_before_the_lock_carries_the_request_and_the_cores_fields() {
+    let inv = Inventory::new(InventoryConfig {
+        shards: 4,
+        epoch: 3,
+        idempotency_ttl_ms: 60_000,
+        idempotency_cap: 1000,
+    });
+    let spec = ProductSpec {
+        price_cents: 4321,
+        limit_per_user: 0,
+        ttl_s: 30,
+    };
+    assert!(inv.upsert("sku-a", spec, Some(1)).is_ok());
+    let mut r = req("user-1", "req-1", "sku-a", 1, 5_000);
+    r.room = Text::from("room-9");
+    r.referrer = Some(Text::from("anchor-2"));
+    let Ok(ReserveOutcome::New(h)) = inv.reserve(r) else {
+        panic!("the first reserve takes the unit");
+    };
+    assert_eq!(h.id.epoch(), 3);
+    assert_eq!(
+        (&*h.user, &*h.req, &*h.room, h.referrer.as_deref(), &*h.sku),
+        ("user-1", "req-1", "room-9", Some("anchor-2"), "sku-a")
+    );
+    assert_eq!((h.qty, h.price_cents, h.expires_at), (1, 4321, 35_000));
+    let kept = inv.reservation(h.id).map(|k| k.reservation().clone());
+    assert_eq!(kept.as_ref(), Some(h.reservation()));
+    assert!(inv.confirm(&h).is_ok(), "Pending, so confirm succeeds once");
+    assert!(inv.confirm(&h).is_err(), "and only once");
+    assert!(matches!(
+        inv.reserve(req("user-2", "req-1", "sku-a", 1, 5_000)),
+        Err(InvError::SoldOut { available: 0 })
+    ));
+    let c = inv.counts("sku-a");
+    assert_eq!(c.map(|c| (c.available, c.reserved)), Some((0, 1)));
+}
