@@ -223,13 +223,19 @@ impl IdemTable {
         self.push(key, rec, at);
     }
 
+    /// The sequence number the next insert's record gets (dropping the oldest records to
+    /// make room does not change it).
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.base + self.ring.len() as u64
+    }
+
     /// Adds a record made at `at` for a `key` that has none (the caller just saw `get`
     /// answer `None` under the same lock): like `insert`, without looking for an old one.
     /// Returns the record's sequence number, for `end`.
     pub(crate) fn insert_new(&mut self, key: u64, rec: IdemRec, at: u64, cap: usize) -> u64 {
         self.make_room(cap);
         let entry = self.entry_for(key);
-        let seq = self.base + self.ring.len() as u64;
+        let seq = self.next_seq();
         self.stage(entry);
         self.push(key, rec, at);
         seq

@@ -627,16 +627,33 @@ impl Shard {
                 available: product.available,
             });
         }
+        let Some(draft) = draft.take() else {
+            return Err(InvError::Invalid("no request"));
+        };
         let id = alloc_id(&mut self.next_k, self.index, self.nshards, epoch)?;
         let expires_at = now.saturating_add(u64::from(product.spec.ttl_s).saturating_mul(1000));
+        // The handle and its second reference (one for the map, one for the caller) before
+        // this reserve writes any line another core may hold: the count's locked
+        // instruction waits for every earlier store to reach the cache, so after those
+        // stores it would wait, under the lock, for their lines to come over (fourteenth
+        // round). Nothing below can fail.
+        let seq = self.idem.next_seq();
+        let res = draft.finish(
+            id,
+            product.spec.price_cents,
+            expires_at,
+            State::Pending as u8,
+            seq,
+        );
+        let out = res.clone();
         product.available -= qty;
         product.reserved = product.reserved.saturating_add(qty);
         if limit > 0 {
-            match product.cold.users.get_mut(&*r.user) {
+            match product.cold.users.get_mut(&*res.user) {
                 Some(u) => u.held = u.held.saturating_add(qty),
                 None => {
                     product.cold.users.insert(
-                        Arc::from(r.user.as_str()),
+                        Arc::from(res.user.as_str()),
                         UserUnits {
                             held: qty,
                             bought: 0,
@@ -645,19 +662,14 @@ impl Shard {
                 }
             }
         }
-        let price_cents = product.spec.price_cents;
         let rec = IdemRec {
             id,
             check: idem_key.check,
             ended: false,
         };
         // `get` found no record of this key above, and nothing since added one.
-        let idem_seq = self.idem.insert_new(idem_key.key, rec, now, idem_cap);
-        let Some(draft) = draft.take() else {
-            return Err(InvError::Invalid("no request"));
-        };
-        let res = draft.finish(id, price_cents, expires_at, State::Pending as u8, idem_seq);
-        let out = res.clone();
+        let at = self.idem.insert_new(idem_key.key, rec, now, idem_cap);
+        debug_assert_eq!(at, seq, "a record goes where next_seq said");
         // Pending ones are in the expiry index too: `confirm` makes them Held without the
         // lock, so it cannot insert them; a sweep passes over a due Pending one.
         let wheel = Some(self.add_fresh(id.0));
