@@ -26,29 +26,70 @@ use super::resmap::stays_in_run;
 use super::shard::IdemRec;
 use super::types::ResId;
 
-/// One record in the ring.
+/// One record in the ring: 32 bytes, aligned to 32, so two share a cache line and none
+/// straddles two (48 bytes until the fourteenth round: every other push wrote two lines).
 #[derive(Clone, Copy)]
+#[repr(C, align(32))]
 struct Slot {
     key: u64,
-    at: u64,
-    rec: IdemRec,
-    /// False once removed (or replaced by a newer record of the same key): the slot only
-    /// waits to leave the ring.
-    live: bool,
+    check: u64,
+    id: ResId,
+    /// When it was made (unix ms, at most `AT_MAX`) above two flags: `ENDED` (the
+    /// reservation has ended) and `LIVE` (false once removed or replaced by a newer record
+    /// of the same key: the slot only waits to leave the ring).
+    stamp: u64,
 }
+
+// Two records per cache line, none across two.
+const _: () = assert!(std::mem::size_of::<Slot>() == 32 && std::mem::align_of::<Slot>() == 32);
+
+const LIVE: u64 = 1;
+const ENDED: u64 = 2;
+/// Latest creation time a slot keeps (2^62 ms, millions of years); later ones count as it.
+const AT_MAX: u64 = u64::MAX >> 2;
 
 impl Slot {
     /// Filler for ring positions not in use.
     const VACANT: Slot = Slot {
         key: 0,
-        at: 0,
-        rec: IdemRec {
-            id: ResId(0),
-            check: 0,
-            ended: false,
-        },
-        live: false,
+        check: 0,
+        id: ResId(0),
+        stamp: 0,
     };
+
+    fn new(key: u64, rec: IdemRec, at: u64) -> Slot {
+        let ended = if rec.ended { ENDED } else { 0 };
+        Slot {
+            key,
+            check: rec.check,
+            id: rec.id,
+            stamp: (at.min(AT_MAX) << 2) | ended | LIVE,
+        }
+    }
+
+    fn live(&self) -> bool {
+        self.stamp & LIVE != 0
+    }
+
+    fn at(&self) -> u64 {
+        self.stamp >> 2
+    }
+
+    fn rec(&self) -> IdemRec {
+        IdemRec {
+            id: self.id,
+            check: self.check,
+            ended: self.stamp & ENDED != 0,
+        }
+    }
+
+    fn kill(&mut self) {
+        self.stamp &= !LIVE;
+    }
+
+    fn end(&mut self) {
+        self.stamp |= ENDED;
+    }
 }
 
 /// `repr(C)`, fields a reserve writes first (see `Shard`).
@@ -141,7 +182,7 @@ impl IdemTable {
     fn holds(&self, e: u64, key: u64) -> bool {
         self.ring
             .get(self.ring_pos(e))
-            .is_some_and(|s| s.live && s.key == key)
+            .is_some_and(|s| s.live() && s.key == key)
     }
 
     /// Index slot of `key`'s entry, if the index has one.
@@ -184,18 +225,27 @@ impl IdemTable {
     }
 
     /// The live record of `key`.
-    pub(crate) fn get(&self, key: u64) -> Option<&IdemRec> {
+    pub(crate) fn get(&self, key: u64) -> Option<IdemRec> {
         let f = self.lookup(key)?;
         self.ring
             .get(self.ring_pos(self.entry_at(f)))
-            .map(|s| &s.rec)
+            .map(Slot::rec)
     }
 
-    /// The live record of `key`, to change.
-    pub(crate) fn get_mut(&mut self, key: u64) -> Option<&mut IdemRec> {
-        let f = self.lookup(key)?;
+    /// Marks the live record of `key` ended (only if it is `id`'s, when `id` is given);
+    /// whether there was one to mark.
+    pub(crate) fn mark_ended(&mut self, key: u64, id: Option<ResId>) -> bool {
+        let Some(f) = self.lookup(key) else {
+            return false;
+        };
         let p = self.ring_pos(self.entry_at(f));
-        self.ring.get_mut(p).map(|s| &mut s.rec)
+        match self.ring.get_mut(p) {
+            Some(s) if id.is_none_or(|id| s.id == id) => {
+                s.end();
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Adds a record made at `at` (replacing one of the same key), then drops the oldest
@@ -207,7 +257,7 @@ impl IdemTable {
             Some(f) => {
                 let old = self.ring_pos(self.entry_at(f));
                 if let Some(s) = self.ring.get_mut(old) {
-                    s.live = false;
+                    s.kill();
                 }
                 match f {
                     Found::Index(i) => self.index[i] = entry,
@@ -241,8 +291,8 @@ impl IdemTable {
         seq
     }
 
-    /// Hints that the next insert's ring slot (both ends: a slot may straddle two lines)
-    /// and staged entry will be written soon (`Shard::prefetch_appends`).
+    /// Hints that the next insert's ring slot and staged entry will be written soon
+    /// (`Shard::prefetch_appends`).
     #[inline]
     pub(crate) fn prefetch_appends(&self) {
         prefetch_write(self.staged.as_ptr().wrapping_add(self.staged.len()));
@@ -264,9 +314,7 @@ impl IdemTable {
     /// was replaced is not `id`'s live record any more, so there is nothing to mark.
     pub(crate) fn end(&mut self, seq: u64, key: u64, id: ResId) {
         if seq == UNKNOWN_SEQ {
-            if let Some(rec) = self.get_mut(key).filter(|r| r.id == id) {
-                rec.ended = true;
-            }
+            self.mark_ended(key, Some(id));
             return;
         }
         let Some(p) = seq
@@ -276,8 +324,8 @@ impl IdemTable {
             return;
         };
         if let Some(s) = self.ring.get_mut(p) {
-            if s.live && s.key == key && s.rec.id == id {
-                s.rec.ended = true;
+            if s.live() && s.key == key && s.id == id {
+                s.end();
             }
         }
     }
@@ -360,12 +408,7 @@ impl IdemTable {
             self.open_generation();
         }
         self.filter.add(key);
-        self.ring.push_back(Slot {
-            key,
-            at,
-            rec,
-            live: true,
-        });
+        self.ring.push_back(Slot::new(key, rec, at));
         self.unswept = self.unswept.saturating_add(1);
     }
 
@@ -426,7 +469,7 @@ impl IdemTable {
     fn refill_filter(&mut self, records: usize) {
         self.filter.clear();
         self.filter.open(self.base, records);
-        for s in self.ring.iter().filter(|s| s.live) {
+        for s in self.ring.iter().filter(|s| s.live()) {
             self.filter.add(s.key);
         }
     }
@@ -438,10 +481,10 @@ impl IdemTable {
         };
         let p = self.ring_pos(self.entry_at(f));
         if let Some(s) = self.ring.get_mut(p) {
-            if s.rec.id != id {
+            if s.id != id {
                 return;
             }
-            s.live = false;
+            s.kill();
         }
         match f {
             Found::Index(i) => self.delete_at(i),
@@ -475,7 +518,7 @@ impl IdemTable {
     /// Drops records made at or before `now - ttl`.
     pub(crate) fn prune(&mut self, now: u64, ttl: u64) {
         while let Some(s) = self.ring.front() {
-            if s.at.saturating_add(ttl) > now {
+            if s.at().saturating_add(ttl) > now {
                 break;
             }
             self.pop();
@@ -501,8 +544,8 @@ impl IdemTable {
     }
 
     /// Live records, oldest first.
-    pub(crate) fn records(&self) -> impl Iterator<Item = &IdemRec> {
-        self.ring.iter().filter(|s| s.live).map(|s| &s.rec)
+    pub(crate) fn records(&self) -> impl Iterator<Item = IdemRec> + '_ {
+        self.ring.iter().filter(|s| s.live()).map(Slot::rec)
     }
 
     /// Empties index slot `i`, shifting later entries of the probe run back (no tombstones).
@@ -538,7 +581,7 @@ impl IdemTable {
         let mask = len - 1;
         let mut used = 0;
         for (p, s) in self.ring.iter().enumerate() {
-            if !s.live {
+            if !s.live() {
                 continue;
             }
             let t = tag(s.key);

@@ -1063,9 +1063,7 @@ fn idem_table_matches_a_model_over_every_call() {
                         }
                     }
                     68..=71 => {
-                        if let Some(r) = t.get_mut(key) {
-                            r.ended = true;
-                        }
+                        t.mark_ended(key, None);
                         if let Some(r) = map.get_mut(&key) {
                             r.1 = true;
                         }
@@ -1466,4 +1464,52 @@ fn the_handle_built_before_the_lock_carries_the_request_and_the_cores_fields() {
     ));
     let c = inv.counts("sku-a");
     assert_eq!(c.map(|c| (c.available, c.reserved)), Some((0, 1)));
+}
+
+/// The ring's record keeps its creation time and both flags in one word: a record made at
+/// a time past `AT_MAX` is kept (as made at the latest time it can say), ended and removed
+/// records read back as such, and the TTL prune still drops by creation time.
+#[test]
+fn a_record_keeps_its_time_and_flags_in_one_word() {
+    use super::idem::IdemTable;
+    use super::shard::IdemRec;
+    let mut t = IdemTable::new();
+    let rec = |id: u64, ended: bool| IdemRec {
+        id: ResId(id),
+        check: id * 7,
+        ended,
+    };
+    t.insert(1, rec(1, false), 1_000, 100);
+    t.insert(2, rec(2, true), 2_000, 100);
+    t.insert(3, rec(3, false), u64::MAX, 100);
+    assert_eq!(
+        t.get(1).map(|r| (r.id, r.check, r.ended)),
+        Some((ResId(1), 7, false))
+    );
+    assert_eq!(t.get(2).map(|r| (r.id, r.ended)), Some((ResId(2), true)));
+    assert!(t.mark_ended(1, Some(ResId(1))));
+    assert!(
+        !t.mark_ended(1, Some(ResId(9))),
+        "another reservation's record"
+    );
+    assert_eq!(t.get(1).map(|r| r.ended), Some(true));
+    t.remove(2, ResId(2));
+    assert!(t.get(2).is_none());
+    assert_eq!(
+        t.records().map(|r| r.id).collect::<Vec<_>>(),
+        [ResId(1), ResId(3)]
+    );
+    // Made at or before now - ttl goes: 1,000 with ttl 500 at now 1,500.
+    t.prune(1_500, 500);
+    assert!(t.get(1).is_none());
+    assert_eq!(
+        t.get(3).map(|r| r.id),
+        Some(ResId(3)),
+        "the far-future record stays"
+    );
+    t.prune(u64::MAX, 0);
+    assert!(
+        t.get(3).is_none(),
+        "and goes once now passes its (clamped) time"
+    );
 }
