@@ -37,7 +37,6 @@ use rustc_hash::{FxBuildHasher, FxHasher};
 
 use idem::FilterHint;
 use shard::{Entry, IdemKey, IdemRec, Product, Shard, State, UserUnits};
-use types::Draft;
 
 pub use types::{
     InvError, InventoryConfig, ParseResIdError, ProductCounts, ProductSpec, ResHandle, ResId,
@@ -367,13 +366,8 @@ impl Inventory {
         // The key's word in the idempotency filter was likely last written by the other
         // core: start loading it before the lock, so it overlaps the lock and the product.
         slot.1.prefetch(key.key);
-        let now = r.now;
-        // The handle is allocated and filled here, while those lines travel, not under the
-        // lock. Declared before the guard, so a draft not used (an error) is freed after
-        // the lock is released.
-        let mut draft = Some(Draft::new(r, key.key));
         let mut g = lock(slot);
-        let out = g.reserve(&mut draft, now, hash, key, self.epoch, self.idem_cap);
+        let out = g.reserve(r, hash, key, self.epoch, self.idem_cap);
         slot.1.note(&g.idem);
         out
     }

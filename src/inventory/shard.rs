@@ -20,7 +20,8 @@ use super::keyhash::same_bytes;
 use super::prefetch::prefetch_write;
 use super::resmap::ResMap;
 use super::types::{
-    Draft, InvError, ProductCounts, ProductSpec, ResHandle, ResId, ReserveOutcome, COUNTER_MASK,
+    InvError, ProductCounts, ProductSpec, ResHandle, ResId, Reservation, ReserveOutcome,
+    ReserveRequest, COUNTER_MASK,
 };
 use super::wheel::{Pos, Wheel};
 
@@ -574,22 +575,15 @@ impl Shard {
         self.next_k = self.next_k.max(k);
     }
 
-    /// Takes the units of `draft`'s request (made at `now`) on success, setting the draft's
-    /// id, price and expiry and taking it out of `draft`; on any error `draft` is left for
-    /// the caller to drop after the lock is released.
     pub(crate) fn reserve(
         &mut self,
-        draft: &mut Option<Draft>,
-        now: u64,
+        r: ReserveRequest,
         sku_hash: u64,
         idem_key: IdemKey,
         epoch: u32,
         idem_cap: usize,
     ) -> Result<ReserveOutcome, InvError> {
         self.prefetch_appends(epoch);
-        let Some(r) = draft.as_ref().map(Draft::res) else {
-            return Err(InvError::Invalid("no request"));
-        };
         // Disjoint field borrows: the product stays borrowed while the other maps are used.
         let Some((pidx, product)) = self.products.find_mut(sku_hash, &r.sku) else {
             return Err(InvError::UnknownSku);
@@ -627,10 +621,8 @@ impl Shard {
                 available: product.available,
             });
         }
-        let Some(draft) = draft.take() else {
-            return Err(InvError::Invalid("no request"));
-        };
         let id = alloc_id(&mut self.next_k, self.index, self.nshards, epoch)?;
+        let now = r.now;
         let expires_at = now.saturating_add(u64::from(product.spec.ttl_s).saturating_mul(1000));
         // The handle and its second reference (one for the map, one for the caller) before
         // this reserve writes any line another core may hold: the count's locked
@@ -638,11 +630,20 @@ impl Shard {
         // stores it would wait, under the lock, for their lines to come over (fourteenth
         // round). Nothing below can fail.
         let seq = self.idem.next_seq();
-        let res = draft.finish(
-            id,
-            product.spec.price_cents,
-            expires_at,
+        let res = ResHandle::new(
+            Reservation {
+                id,
+                user: r.user,
+                req: r.req,
+                room: r.room,
+                referrer: r.referrer,
+                sku: r.sku,
+                qty: r.qty,
+                price_cents: product.spec.price_cents,
+                expires_at,
+            },
             State::Pending as u8,
+            idem_key.key,
             seq,
         );
         let out = res.clone();

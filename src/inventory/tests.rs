@@ -1424,12 +1424,11 @@ pub(crate) fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
     }
 }
 
-/// A reservation's handle is built from the request before the lock (`Draft`): the handle
-/// `reserve` returns carries every field of the request and those set under the lock (id,
-/// price, expiry, Pending), and the one the core keeps is the same reservation. A refused
-/// reserve (its draft dropped) takes nothing.
+/// The handle `reserve` returns carries every field of the request and those the core sets
+/// (id, price, expiry, Pending), the one the core keeps is the same reservation, and a
+/// refused reserve takes nothing.
 #[test]
-fn the_handle_built_before_the_lock_carries_the_request_and_the_cores_fields() {
+fn a_new_reservations_handle_carries_the_request_and_the_cores_fields() {
     let inv = Inventory::new(InventoryConfig {
         shards: 4,
         epoch: 3,

@@ -110,58 +110,6 @@ pub(crate) struct Live {
     pub idem_seq: u64,
 }
 
-/// A reservation being made: its handle, allocated and filled with the request's strings
-/// before the shard lock is taken (so the allocation and the copy overlap the transfer of
-/// the shard's lines instead of lengthening the hold), and given its id, price, expiry and
-/// record place under the lock (`finish`). Nothing else holds it until then, so it is
-/// written without any atomic instruction (`triomphe::UniqueArc`).
-pub(crate) struct Draft(triomphe::UniqueArc<Live>);
-
-impl Draft {
-    pub(crate) fn new(r: ReserveRequest, idem_key: u64) -> Draft {
-        Draft(triomphe::UniqueArc::new(Live {
-            res: Reservation {
-                id: ResId(0),
-                user: r.user,
-                req: r.req,
-                room: r.room,
-                referrer: r.referrer,
-                sku: r.sku,
-                qty: r.qty,
-                price_cents: 0,
-                expires_at: 0,
-            },
-            state: AtomicU8::new(0),
-            idem_key,
-            idem_seq: 0,
-        }))
-    }
-
-    /// The request's fields (id, price and expiry not set yet).
-    pub(crate) fn res(&self) -> &Reservation {
-        &self.0.res
-    }
-
-    /// The handle of the reservation made: `id`, `price_cents`, `expires_at`, `state` and
-    /// `idem_seq` set.
-    pub(crate) fn finish(
-        mut self,
-        id: ResId,
-        price_cents: i64,
-        expires_at: u64,
-        state: u8,
-        idem_seq: u64,
-    ) -> ResHandle {
-        let live = &mut *self.0;
-        live.res.id = id;
-        live.res.price_cents = price_cents;
-        live.res.expires_at = expires_at;
-        *live.state.get_mut() = state;
-        live.idem_seq = idem_seq;
-        ResHandle(self.0.shareable())
-    }
-}
-
 impl ResHandle {
     pub(crate) fn new(res: Reservation, state: u8, idem_key: u64, idem_seq: u64) -> ResHandle {
         ResHandle(triomphe::Arc::new(Live {
