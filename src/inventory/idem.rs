@@ -296,15 +296,12 @@ impl IdemTable {
     #[inline]
     pub(crate) fn prefetch_appends(&self) {
         prefetch_write(self.staged.as_ptr().wrapping_add(self.staged.len()));
-        let slot = self
-            .ring
-            .buf
-            .as_ptr()
-            .wrapping_add(self.ring.at(self.ring.len));
-        prefetch_write(slot);
+        // A slot is half a line, aligned: one line.
         prefetch_write(
-            slot.cast::<u8>()
-                .wrapping_add(std::mem::size_of::<Slot>() - 1),
+            self.ring
+                .buf
+                .as_ptr()
+                .wrapping_add(self.ring.at(self.ring.len)),
         );
     }
 
