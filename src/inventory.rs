@@ -61,11 +61,11 @@ fn hint_slot(sku_hash: u64) -> usize {
 }
 
 /// One shard on its own cache lines, so two cores locking neighbouring shards do not
-/// contend on the same line, with the hint of where its idempotency filter is. `repr(C)`:
-/// the lock, then the shard's fields (those a reserve writes first, see `Shard`), then the
-/// hint, which a reserve only reads.
+/// contend on the same line. `repr(C)`: the lock, then the shard's fields (those a reserve
+/// writes first, see `Shard`). Its idempotency filter's hint is not here but in
+/// `Inventory::filter_hints` (see `FilterHint`).
 #[repr(C, align(128))]
-struct Padded(Mutex<Shard>, FilterHint);
+struct Padded(Mutex<Shard>);
 
 impl Padded {
     /// Hints that this shard's lock and fields (a few cache lines) will be used soon: the
@@ -116,6 +116,9 @@ pub struct Inventory {
     /// and moved) or belongs to another SKU of the same slot wastes one fetch. Written when
     /// products are added (rare), read on every reserve: shared by both cores' caches.
     product_hints: Box<[AtomicU32]>,
+    /// Shard `i`'s idempotency filter hint (`FilterHint`, one line each): an array of its
+    /// own, away from the lines a reserve takes for writing.
+    filter_hints: Box<[FilterHint]>,
     /// The address the hints count from (the shard array's; any fixed address would do).
     hint_base: usize,
 }
@@ -182,7 +185,7 @@ impl Inventory {
         // MAX_SHARDS is a power of two, so rounding up stays within it.
         let n = cfg.shards.clamp(1, MAX_SHARDS).next_power_of_two();
         let shards: Box<[Padded]> = (0..n)
-            .map(|i| Padded(Mutex::new(Shard::new(i, n)), FilterHint::default()))
+            .map(|i| Padded(Mutex::new(Shard::new(i, n))))
             .collect();
         let hint_base = shards.as_ptr() as usize;
         Inventory {
@@ -200,6 +203,7 @@ impl Inventory {
             sweep_cursor: AtomicUsize::new(0),
             trimming: AtomicBool::new(false),
             product_hints: (0..PRODUCT_HINTS).map(|_| AtomicU32::new(0)).collect(),
+            filter_hints: (0..n).map(|_| FilterHint::default()).collect(),
             hint_base,
         }
     }
@@ -358,17 +362,23 @@ impl Inventory {
         if let Some(h) = self.product_hints.get(hint_slot(hash)) {
             prefetch::prefetch_write(self.hinted(h.load(Ordering::Relaxed)) as *const u8);
         }
-        let slot = &self.shards[self.shard_index(hash)];
+        let i = self.shard_index(hash);
+        let slot = &self.shards[i];
         // The shard's lock and fields were last touched by whichever core served this shard
         // before: start fetching them, then hash the key while they travel.
         slot.prefetch();
         let key = self.idem_key(&r.user, &r.req, &r.sku);
         // The key's word in the idempotency filter was likely last written by the other
         // core: start loading it before the lock, so it overlaps the lock and the product.
-        slot.1.prefetch(key.key);
+        let filter_hint = self.filter_hints.get(i);
+        if let Some(h) = filter_hint {
+            h.prefetch(key.key);
+        }
         let mut g = lock(slot);
         let out = g.reserve(r, hash, key, self.epoch, self.idem_cap);
-        slot.1.note(&g.idem);
+        if let Some(h) = filter_hint {
+            h.note(&g.idem);
+        }
         out
     }
 

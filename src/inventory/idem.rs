@@ -679,18 +679,29 @@ impl Ring {
     }
 }
 
-/// Where a shard's filter generations were when its lock was last released, kept beside
-/// the lock so `reserve` can start loading the filter words of its key *before* taking the
-/// lock (the newest generation's word was usually last written by whichever core served
-/// the shard before; the older ones are out of L1). Read without the lock, so it may be
-/// stale (a generation opened meanwhile): a prefetch of a stale address only wastes one
-/// memory fetch, it is never dereferenced.
+/// Where a shard's filter generations were when its lock was last released, so `reserve`
+/// can start loading the filter words of its key *before* taking the lock (the newest
+/// generation's word was usually last written by whichever core served the shard before;
+/// the older ones are out of L1). Read without the lock, so it may be stale (a generation
+/// opened meanwhile): a prefetch of a stale address only wastes one memory fetch, it is
+/// never dereferenced.
+///
+/// One cache line, kept in an array of its own (`Inventory::filter_hints`), not beside the
+/// shard's lock: a core taking a shard's lines for writing made the hint's line miss on the
+/// other core when it sat a few lines after them, although nothing wrote it (fifteenth
+/// round, docs/inventory.md). Written only when a generation opens or goes.
 #[derive(Default)]
+#[repr(C, align(64))]
 pub(crate) struct FilterHint {
-    gens: [(AtomicUsize, AtomicUsize); MAX_GENS],
-    /// The stamp of the layout in `gens` (`Filter::stamp`).
+    /// Each generation's words' address (0: no such generation, or no hint).
+    addrs: [AtomicUsize; MAX_GENS],
+    /// Each generation's word mask (a word count less one; a power of two).
+    masks: [AtomicU32; MAX_GENS],
+    /// The stamp of the layout held (`Filter::stamp`).
     stamp: AtomicU32,
 }
+
+const _: () = assert!(std::mem::size_of::<FilterHint>() == 64);
 
 impl FilterHint {
     /// Records `t`'s layout (call with the shard locked, after changing it). One compare
@@ -706,7 +717,13 @@ impl FilterHint {
     #[cold]
     fn renote(&self, t: &IdemTable, stamp: u32) {
         self.stamp.store(stamp, Ordering::Relaxed);
-        for ((addr, mask), (a, m)) in self.gens.iter().zip(t.layout()) {
+        for ((addr, mask), (a, m)) in self.addrs.iter().zip(&self.masks).zip(t.layout()) {
+            // A mask past 32 bits (a generation of 2^32 words, 32 GiB) is not hinted: the
+            // prefetch stops at an address of 0.
+            let (a, m) = match u32::try_from(m) {
+                Ok(m) => (a, m),
+                Err(_) => (0, 0),
+            };
             // Written only when a generation opened or went (rarely): the line stays
             // shared between the cores otherwise.
             if addr.load(Ordering::Relaxed) != a || mask.load(Ordering::Relaxed) != m {
@@ -718,16 +735,17 @@ impl FilterHint {
 
     /// Starts loading the filter words a lookup of `key` reads (the newest one to write).
     pub(crate) fn prefetch(&self, key: u64) {
-        for (i, (addr, mask)) in self.gens.iter().enumerate() {
+        for (i, (addr, mask)) in self.addrs.iter().zip(&self.masks).enumerate() {
             let addr = addr.load(Ordering::Relaxed);
             if addr == 0 {
                 return;
             }
-            let word = filter::word_of(addr, mask.load(Ordering::Relaxed), key) as *const u64;
+            let mask = mask.load(Ordering::Relaxed) as usize;
+            let word = filter::word_of(addr, mask, key) as *const u64;
             let newest = self
-                .gens
+                .addrs
                 .get(i + 1)
-                .is_none_or(|g| g.0.load(Ordering::Relaxed) == 0);
+                .is_none_or(|a| a.load(Ordering::Relaxed) == 0);
             if newest {
                 prefetch_write(word);
             } else {
@@ -741,9 +759,13 @@ impl FilterHint {
 impl FilterHint {
     /// Whether the hint holds `t`'s current layout.
     pub(crate) fn matches(&self, t: &IdemTable) -> bool {
-        self.gens.iter().zip(t.layout()).all(|((a, m), (ta, tm))| {
-            a.load(Ordering::Relaxed) == ta && m.load(Ordering::Relaxed) == tm
-        })
+        self.addrs
+            .iter()
+            .zip(&self.masks)
+            .zip(t.layout())
+            .all(|((a, m), (ta, tm))| {
+                a.load(Ordering::Relaxed) == ta && m.load(Ordering::Relaxed) as usize == tm
+            })
     }
 }
 
