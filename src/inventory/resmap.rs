@@ -103,6 +103,19 @@ impl ResMap {
         prefetch_write(self.slots.as_ptr().wrapping_add(self.home(id)));
     }
 
+    /// `get_mut` for an entry whose removal will follow (a release or checkout beginning):
+    /// also asks for the slot after it, which the removal reads (is the run over, or does an
+    /// entry move back?). That slot is on the next cache line for every other slot, often
+    /// last written by another core (fifteenth round, docs/inventory.md); asked for now, it
+    /// has arrived when the removal comes.
+    #[inline]
+    pub(crate) fn get_mut_to_remove(&mut self, id: &u64) -> Option<&mut Entry> {
+        let at = self.find(*id)?;
+        let next = (at + 1) & self.mask();
+        prefetch_write(self.slots.as_ptr().wrapping_add(next));
+        self.slots.get_mut(at)?.entry.as_mut()
+    }
+
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.len

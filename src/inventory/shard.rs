@@ -780,7 +780,10 @@ impl Shard {
         id: ResId,
         to: State,
     ) -> Result<ResHandle, InvError> {
-        let e = self.entry(id)?;
+        let e = self
+            .reservations
+            .get_mut_to_remove(&id.0)
+            .ok_or(InvError::NotFound)?;
         if user.is_some_and(|u| !same_bytes(e.res.user.as_bytes(), u.as_bytes())) {
             return Err(InvError::NotFound);
         }
