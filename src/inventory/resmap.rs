@@ -103,7 +103,8 @@ impl ResMap {
         prefetch_write(self.slots.as_ptr().wrapping_add(self.home(id)));
     }
 
-    /// `get_mut` for an entry whose removal will follow (a release or checkout beginning):
+    /// `get_mut` for an entry whose removal will follow (a release, checkout or expiry
+    /// beginning, `Shard::begin`):
     /// also asks for the slot after it, which the removal reads (is the run over, or does an
     /// entry move back?). That slot is on the next cache line for every other slot, often
     /// last written by another core (fifteenth round, docs/inventory.md); asked for now, it
