@@ -604,7 +604,14 @@ async fn send_carts(c: &mut Client, reqs: &[String]) {
 /// Collects the one reply to each of `reqs`, in whatever order they come.
 async fn replies_to(c: &mut Client, reqs: &[String]) -> HashMap<String, Value> {
     let mut replies = HashMap::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while replies.len() < reqs.len() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {} replies within 30 s",
+            replies.len(),
+            reqs.len()
+        );
         let m = c.recv().await;
         if let Some(req) = m["req"].as_str().filter(|r| reqs.iter().any(|q| q == r)) {
             assert!(

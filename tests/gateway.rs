@@ -178,13 +178,13 @@ async fn anchor_flow(enc: Enc) {
     assert_eq!(order["total_cents"], 2500);
     assert!(order["order"].is_string());
 
-    // Stock broadcasts are coalesced state: eventually 9 available.
-    loop {
-        let s = v.recv_type("stock").await;
-        if s["items"] == json!([{"sku":"sku-1","available":9}]) {
-            break;
-        }
-    }
+    // Stock broadcasts are coalesced state: eventually 9 available (it may have come before
+    // the checkout's reply: the client keeps what came before a reply).
+    let want = json!([{"sku":"sku-1","available":9}]);
+    v.recv_until("`stock` with 9 available", |m| {
+        m["type"] == "stock" && m["items"] == want
+    })
+    .await;
 
     // Comments (batched per tick), likes, ping.
     assert_eq!(
@@ -210,14 +210,13 @@ async fn anchor_flow(enc: Enc) {
     // Messages without req get no success reply: a later ping's pong is the next reply.
     v.send(json!({"type":"like","room":"r1","count":1})).await;
     v.send(json!({"type":"ping"})).await;
-    loop {
-        let m = v.recv().await;
-        assert_ne!(m["type"], "ack");
-        if m["type"] == "pong" {
-            assert!(m.get("req").is_none());
-            break;
-        }
-    }
+    let pong = v
+        .recv_until("`pong`", |m| {
+            assert_ne!(m["type"], "ack");
+            m["type"] == "pong"
+        })
+        .await;
+    assert!(pong.get("req").is_none());
 
     // Anchor: restock, product change, unpin, close.
     assert_eq!(
@@ -277,6 +276,42 @@ async fn every_message_over_msgpack() {
     anchor_flow(Enc::MsgPack).await;
 }
 
+/// The CI hang of 2026-11-22: a coalesced `stock` that came before a reply was dropped by
+/// the test client while it waited for that reply, and the room's periodic `stats` kept a
+/// per-message timeout from ever firing. The client now keeps what came before a reply, and
+/// every wait has one deadline.
+#[tokio::test]
+async fn a_broadcast_that_comes_before_a_reply_is_still_read() {
+    let redis = RedisServer::start();
+    let gw = Gateway::start_with(
+        &redis.url(),
+        &[
+            ("LIVEGATE_ROOM_TICK_MS", "10"),
+            ("LIVEGATE_STATS_MS", "100"),
+        ],
+    )
+    .await;
+    let _a = room_with_product(&gw, "rb", "s1", 5).await;
+    let mut v = gw.viewer("v").await;
+    assert_eq!(
+        v.request(json!({"type":"join","room":"rb"})).await["type"],
+        "room_state"
+    );
+    let r = v
+        .request(json!({"type":"add_to_cart","room":"rb","sku":"s1","qty":1}))
+        .await;
+    assert_eq!(r["type"], "reserved", "{r}");
+    // Several ticks pass: the one `stock` with 4 available is sent before the pong.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(v.request(json!({"type":"ping"})).await["type"], "pong");
+    let s = v.recv_type("stock").await;
+    assert_eq!(s["items"], json!([{"sku":"s1","available":4}]));
+    // Nothing more is coming but `stats`: a wait for anything else ends within its deadline.
+    let waited = tokio::spawn(async move { v.recv_type("stock").await });
+    let err = waited.await.expect_err("no second `stock` comes");
+    assert!(err.is_panic());
+}
+
 #[tokio::test]
 async fn seq_has_no_gaps_and_resume_works() {
     let redis = RedisServer::start();
@@ -302,7 +337,12 @@ async fn seq_has_no_gaps_and_resume_works() {
         assert_eq!(a.request(m).await["type"], "ack");
     }
     let mut got = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while got < 100 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{got} of 100 pin changes within 30 s"
+        );
         let m = v.recv().await;
         if let Some(seq) = m.get("seq").and_then(Value::as_u64) {
             assert_eq!(seq, last + 1, "gap or reorder at {m}");

@@ -1,7 +1,7 @@
 //! Test harness: the gateway started in-process on port 0 against a test redis-server, and
 //! a WebSocket client that speaks the wire protocol in either encoding.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::VecDeque, net::SocketAddr, sync::Arc, time::Duration};
 
 use futures::{SinkExt, StreamExt};
 use livegate::{
@@ -152,10 +152,29 @@ pub struct Client {
     pub hello: Value,
     pub subprotocol: Option<String>,
     next_req: u64,
+    /// Messages that arrived while [`Client::reply_to`] waited for a reply, in arrival
+    /// order: the next reads return them first, so a broadcast that came before a reply is
+    /// not lost to the test (a coalesced `stock` is sent once; skipping it left a test
+    /// waiting forever, kept alive by the room's periodic `stats`).
+    backlog: VecDeque<Value>,
 }
 
-/// How long a test waits for one expected message.
+/// How long a test waits for an expected message: one deadline for the whole wait, however
+/// many other messages (periodic `stats`, say) arrive meanwhile.
 pub const WAIT: Duration = Duration::from_secs(10);
+
+/// The first messages' types, for a timeout's message.
+fn kinds(seen: &[Value]) -> String {
+    let mut out: Vec<String> = seen
+        .iter()
+        .take(20)
+        .map(|m| m["type"].as_str().unwrap_or("?").to_string())
+        .collect();
+    if seen.len() > out.len() {
+        out.push(format!("... {} in all", seen.len()));
+    }
+    out.join(", ")
+}
 
 impl Client {
     pub async fn connect(url: &str, enc: Enc) -> Client {
@@ -206,6 +225,7 @@ impl Client {
             hello: Value::Null,
             subprotocol: None,
             next_req: 0,
+            backlog: VecDeque::new(),
         };
         c.hello = c.recv().await;
         c
@@ -228,6 +248,7 @@ impl Client {
                     hello: Value::Null,
                     subprotocol,
                     next_req: 0,
+                    backlog: VecDeque::new(),
                 };
                 c.hello = c.recv().await;
                 Ok(c)
@@ -270,8 +291,17 @@ impl Client {
         }
     }
 
+    /// The next event within `wait`: a message kept by [`Client::reply_to`] first, then
+    /// what the connection brings.
     pub async fn next_event(&mut self, wait: Duration) -> Event {
-        let deadline = tokio::time::Instant::now() + wait;
+        if let Some(v) = self.backlog.pop_front() {
+            return Event::Msg(v);
+        }
+        self.read_event(tokio::time::Instant::now() + wait).await
+    }
+
+    /// The next event from the connection itself, by `deadline`.
+    async fn read_event(&mut self, deadline: tokio::time::Instant) -> Event {
         loop {
             let next = match tokio::time::timeout_at(deadline, self.ws.next()).await {
                 Err(_) => return Event::Timeout,
@@ -302,18 +332,38 @@ impl Client {
         }
     }
 
-    /// Skips messages until one of `kind` arrives (e.g. past `stats`).
-    pub async fn recv_type(&mut self, kind: &str) -> Value {
+    /// The first message for which `want` holds, within [`WAIT`] in all; the messages
+    /// before it are dropped. Panics naming `what` and what came instead.
+    pub async fn recv_until(&mut self, what: &str, mut want: impl FnMut(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut seen = Vec::new();
         loop {
-            let v = self.recv().await;
-            if v["type"] == kind {
-                return v;
+            let event = match self.backlog.pop_front() {
+                Some(v) => Event::Msg(v),
+                None => self.read_event(deadline).await,
+            };
+            match event {
+                Event::Msg(v) if want(&v) => return v,
+                Event::Msg(v) => seen.push(v),
+                Event::Closed(c) => panic!(
+                    "connection closed ({c:?}) while waiting for {what}; before it: {}",
+                    kinds(&seen)
+                ),
+                Event::Timeout => {
+                    panic!("no {what} within {WAIT:?}; came instead: {}", kinds(&seen))
+                }
             }
         }
     }
 
-    /// Sends `v` with a fresh `req` and returns the reply carrying that `req`, skipping
-    /// broadcasts in between.
+    /// Skips messages until one of `kind` arrives (e.g. past `stats`), within [`WAIT`].
+    pub async fn recv_type(&mut self, kind: &str) -> Value {
+        self.recv_until(&format!("`{kind}`"), |v| v["type"] == kind)
+            .await
+    }
+
+    /// Sends `v` with a fresh `req` and returns the reply carrying that `req`; the
+    /// broadcasts that came before it stay for the next reads.
     pub async fn request(&mut self, mut v: Value) -> Value {
         self.next_req += 1;
         let req = format!("q{}", self.next_req);
@@ -322,19 +372,40 @@ impl Client {
         self.reply_to(&req).await
     }
 
+    /// The reply carrying `req`, within [`WAIT`]; the other messages that came before it
+    /// are kept, in order, for the next reads.
     pub async fn reply_to(&mut self, req: &str) -> Value {
-        loop {
-            let m = self.recv().await;
-            if m["req"] == req {
-                return m;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut kept = VecDeque::new();
+        let reply = loop {
+            let event = match self.backlog.pop_front() {
+                Some(v) => Event::Msg(v),
+                None => self.read_event(deadline).await,
+            };
+            match event {
+                Event::Msg(m) if m["req"] == req => break m,
+                Event::Msg(m) => kept.push_back(m),
+                Event::Closed(c) => panic!(
+                    "connection closed ({c:?}) while waiting for the reply to {req}; before it: {}",
+                    kinds(kept.make_contiguous())
+                ),
+                Event::Timeout => panic!(
+                    "no reply to {req} within {WAIT:?}; came instead: {}",
+                    kinds(kept.make_contiguous())
+                ),
             }
-        }
+        };
+        kept.extend(self.backlog.drain(..));
+        self.backlog = kept;
+        reply
     }
 
     /// Waits for the close frame and returns its code.
     pub async fn closed_with(&mut self) -> Option<u16> {
+        self.backlog.clear();
+        let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            match self.next_event(WAIT).await {
+            match self.read_event(deadline).await {
                 Event::Msg(_) => continue,
                 Event::Closed(c) => return c.map(|c| u16::from(c.code)),
                 Event::Timeout => panic!("connection not closed within {WAIT:?}"),
