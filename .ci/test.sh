@@ -18,7 +18,34 @@ fi
 
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+
+# A hung test must fail the run at once, with its threads' stacks, not hold CI until its
+# time limit. Every test binary (target/debug/deps/*) here finishes in well under a minute;
+# one still running after LIVEGATE_TEST_HANG_SECS (default 300) has every thread's stack
+# printed (with gdb, when it is installed) and is killed, which fails `cargo test`.
+hang_secs=${LIVEGATE_TEST_HANG_SECS:-300}
+watchdog() {
+  while sleep 10; do
+    for pid in $(pgrep -f "target/debug/deps/" || true); do
+      case "$(readlink "/proc/$pid/exe" 2>/dev/null)" in
+        "$PWD/target/debug/deps/"*) ;;
+        *) continue ;;
+      esac
+      age=$(ps -o etimes= -p "$pid" 2>/dev/null | tr -d ' ')
+      [ -n "$age" ] && [ "$age" -gt "$hang_secs" ] || continue
+      echo "WATCHDOG: test process $pid ran ${age}s (limit ${hang_secs}s): $(ps -o args= -p "$pid")"
+      if command -v gdb >/dev/null 2>&1; then
+        timeout 60 gdb -p "$pid" -batch -ex 'thread apply all bt' 2>&1 | grep -E '^(Thread|#)' | head -n 600
+      else
+        echo "WATCHDOG: gdb is not installed; no stacks"
+      fi
+      kill -9 "$pid" 2>/dev/null || true
+    done
+  done
+}
+watchdog >&2 &
+watchdog_pid=$!
+trap 'kill "$watchdog_pid" 2>/dev/null; rm -f "$log"' EXIT
 # Unit, integration and CLI tests of every crate (the crates have no doc examples).
 cargo test --workspace --locked --lib --bins --tests -- --test-threads=2 2>&1 | tee "$log"
 
