@@ -12,6 +12,7 @@
 //! fills, and the sweeps); only checkout and batch finishes lock several shards, always in
 //! ascending index order. See docs/inventory.md for the contract and invariants.
 
+mod counted;
 mod filter;
 mod idem;
 mod keyhash;

@@ -630,7 +630,7 @@ impl Shard {
         // stores it would wait, under the lock, for their lines to come over (fourteenth
         // round). Nothing below can fail.
         let seq = self.idem.next_seq();
-        let res = ResHandle::new(
+        let (res, out) = ResHandle::pair(
             Reservation {
                 id,
                 user: r.user,
@@ -646,7 +646,6 @@ impl Shard {
             idem_key.key,
             seq,
         );
-        let out = res.clone();
         product.available -= qty;
         product.reserved = product.reserved.saturating_add(qty);
         if limit > 0 {

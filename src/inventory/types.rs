@@ -11,6 +11,8 @@ use std::str::FromStr;
 use std::sync::atomic::AtomicU8;
 use std::sync::Arc;
 
+use super::counted::Counted;
+
 /// Bits of a [`ResId`] that hold the per-epoch counter; the epoch sits above them.
 pub const COUNTER_BITS: u32 = 40;
 /// Largest counter value (exclusive bound is `1 << COUNTER_BITS`).
@@ -91,9 +93,11 @@ impl FromStr for ResId {
 /// A live reservation as the core hands it out: the reservation's fields (through `Deref`)
 /// and, shared with the core, where it is in its two-phase life. Cloning it is one reference
 /// count. `Inventory::confirm` flips its state without taking the shard lock, so the durable
-/// write's success costs the core no lock round trip.
+/// write's success costs the core no lock round trip. The count is `Counted` (`counted.rs`):
+/// a reserve's two handles are born with a count of 2, and the last handle frees without a
+/// locked instruction.
 #[derive(Clone)]
-pub struct ResHandle(pub(crate) triomphe::Arc<Live>);
+pub struct ResHandle(pub(crate) Counted<Live>);
 
 pub(crate) struct Live {
     pub res: Reservation,
@@ -110,14 +114,34 @@ pub(crate) struct Live {
     pub idem_seq: u64,
 }
 
-impl ResHandle {
-    pub(crate) fn new(res: Reservation, state: u8, idem_key: u64, idem_seq: u64) -> ResHandle {
-        ResHandle(triomphe::Arc::new(Live {
+impl Live {
+    #[inline(always)]
+    fn new(res: Reservation, state: u8, idem_key: u64, idem_seq: u64) -> Live {
+        Live {
             res,
             state: AtomicU8::new(state),
             idem_key,
             idem_seq,
-        }))
+        }
+    }
+}
+
+impl ResHandle {
+    pub(crate) fn new(res: Reservation, state: u8, idem_key: u64, idem_seq: u64) -> ResHandle {
+        ResHandle(Counted::new(Live::new(res, state, idem_key, idem_seq)))
+    }
+
+    /// Two handles of a new reservation (the shard's and the caller's), with no atomic
+    /// read-modify-write (`Counted::pair`).
+    #[inline(always)]
+    pub(crate) fn pair(
+        res: Reservation,
+        state: u8,
+        idem_key: u64,
+        idem_seq: u64,
+    ) -> (ResHandle, ResHandle) {
+        let (a, b) = Counted::pair(Live::new(res, state, idem_key, idem_seq));
+        (ResHandle(a), ResHandle(b))
     }
 
     /// The reservation's data, to keep or compare.
