@@ -209,6 +209,14 @@ impl Inventory {
         }
     }
 
+    /// Records where shard `i`'s product index is, for `reserve`'s pre-lock prefetch.
+    fn note_index(&self, i: usize, s: &Shard) {
+        if let Some(h) = self.filter_hints.get(i) {
+            let (addr, mask) = s.products.index_layout();
+            h.note_index(addr, mask);
+        }
+    }
+
     /// Records where each of a shard's products is (after a restore).
     fn note_products(&self, s: &Shard) {
         for (hash, addr) in s.products.places() {
@@ -374,6 +382,8 @@ impl Inventory {
         let filter_hint = self.filter_hints.get(i);
         if let Some(h) = filter_hint {
             h.prefetch(key.key);
+            // And the product's index entry, which the lookup under the lock reads first.
+            h.prefetch_index(shard::table_hash(hash));
         }
         let mut g = lock(slot);
         let out = g.reserve(r, hash, key, self.epoch, self.idem_cap);
@@ -569,7 +579,8 @@ impl Inventory {
         if spec.ttl_s == 0 {
             return Err(InvError::Invalid("ttl_s must be at least 1"));
         }
-        let mut s = self.sku_shard(sku);
+        let i = self.shard_of(sku);
+        let mut s = lock(&self.shards[i]);
         if s.products.contains_key(sku) {
             if initial_stock.is_some() {
                 return Err(InvError::Conflict(
@@ -582,6 +593,7 @@ impl Inventory {
         let p = Product::new(spec, initial_stock.unwrap_or(0));
         let counts = p.counts();
         let moved = s.products.insert(Arc::from(sku), p).1;
+        self.note_index(i, &s);
         // Only the new product, unless adding it moved them all (the list grew): a catalog
         // loaded one product at a time costs O(products), not O(products^2) under the lock.
         if moved {
@@ -741,9 +753,10 @@ impl Inventory {
             g.insert_idem(key.key, rec, now, self.idem_cap);
             sum.idempotency += 1;
         }
-        for g in guards.iter_mut() {
+        for (i, g) in guards.iter_mut().enumerate() {
             g.raise_floor(floor);
             self.note_products(g);
+            self.note_index(i, g);
         }
         self.fresh_floor.store(floor, Ordering::Release);
         self.restored_any

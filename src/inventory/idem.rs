@@ -689,19 +689,42 @@ impl Ring {
 /// One cache line, kept in an array of its own (`Inventory::filter_hints`), not beside the
 /// shard's lock: a core taking a shard's lines for writing made the hint's line miss on the
 /// other core when it sat a few lines after them, although nothing wrote it (fifteenth
-/// round, docs/inventory.md). Written only when a generation opens or goes.
+/// round, docs/inventory.md). Written only when a generation opens or goes, or the shard's
+/// product index is rebuilt (it holds that index's place too, `note_index`).
 #[derive(Default)]
 #[repr(C, align(64))]
 pub(crate) struct FilterHint {
     /// Each generation's words' address (0: no such generation, or no hint).
     addrs: [AtomicUsize; MAX_GENS],
+    /// The shard's product index (`shard::Products`): its entries' address (0: no hint),
+    /// so `reserve` can start loading a SKU's index entry before the lock too (sixteenth
+    /// round: that load, under the lock, was the largest single cost of sharing the shards
+    /// between the cores). Written when the index is rebuilt (a product added that grows
+    /// it, a restore), which the hot path never does.
+    index_addr: AtomicUsize,
     /// Each generation's word mask (a word count less one; a power of two).
     masks: [AtomicU32; MAX_GENS],
     /// The stamp of the layout held (`Filter::stamp`).
     stamp: AtomicU32,
+    /// The product index's entry count less one (a power of two less one).
+    index_mask: AtomicU32,
 }
 
 const _: () = assert!(std::mem::size_of::<FilterHint>() == 64);
+
+/// Stores a hinted place (an address and a mask) into `addr` and `mask`, (0, 0) when the
+/// mask does not fit 32 bits (the prefetch then stops at the address of 0), and only if it
+/// changed: the hint's line stays shared between the cores unless a place moved.
+fn store_place(addr: &AtomicUsize, mask: &AtomicU32, a: usize, m: usize) {
+    let (a, m) = match u32::try_from(m) {
+        Ok(m) => (a, m),
+        Err(_) => (0, 0),
+    };
+    if addr.load(Ordering::Relaxed) != a || mask.load(Ordering::Relaxed) != m {
+        addr.store(a, Ordering::Relaxed);
+        mask.store(m, Ordering::Relaxed);
+    }
+}
 
 impl FilterHint {
     /// Records `t`'s layout (call with the shard locked, after changing it). One compare
@@ -720,17 +743,37 @@ impl FilterHint {
         for ((addr, mask), (a, m)) in self.addrs.iter().zip(&self.masks).zip(t.layout()) {
             // A mask past 32 bits (a generation of 2^32 words, 32 GiB) is not hinted: the
             // prefetch stops at an address of 0.
-            let (a, m) = match u32::try_from(m) {
-                Ok(m) => (a, m),
-                Err(_) => (0, 0),
-            };
-            // Written only when a generation opened or went (rarely): the line stays
-            // shared between the cores otherwise.
-            if addr.load(Ordering::Relaxed) != a || mask.load(Ordering::Relaxed) != m {
-                addr.store(a, Ordering::Relaxed);
-                mask.store(m, Ordering::Relaxed);
-            }
+            store_place(addr, mask, a, m);
         }
+    }
+
+    /// Records where the shard's product index is (`addr` of its entries, `mask` their
+    /// count less one; call with the shard locked, after a product was added or restored).
+    /// An index past 2^32 entries is not hinted.
+    pub(crate) fn note_index(&self, addr: usize, mask: usize) {
+        store_place(&self.index_addr, &self.index_mask, addr, mask);
+    }
+
+    /// Starts loading the product index entry a lookup of a SKU whose `table_hash` is `th`
+    /// reads first (its home entry, where nearly every lookup ends). A stale hint (the index
+    /// was rebuilt since) only wastes the fetch: the address is never dereferenced.
+    #[inline]
+    pub(crate) fn prefetch_index(&self, th: u64) {
+        let addr = self.index_addr.load(Ordering::Relaxed);
+        if addr == 0 {
+            return;
+        }
+        let home = (th as usize) & self.index_mask.load(Ordering::Relaxed) as usize;
+        prefetch(addr.wrapping_add(home.wrapping_mul(8)) as *const u8);
+    }
+
+    /// The index hint held, `(addr, mask)` (tests).
+    #[cfg(test)]
+    pub(crate) fn index_hint(&self) -> (usize, usize) {
+        (
+            self.index_addr.load(Ordering::Relaxed),
+            self.index_mask.load(Ordering::Relaxed) as usize,
+        )
     }
 
     /// Starts loading the filter words a lookup of `key` reads (the newest one to write).

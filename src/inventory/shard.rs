@@ -245,7 +245,7 @@ pub(crate) fn sku_hash(sku: &str) -> u64 {
 /// The hash a product table probes with: the SKU hash with its halves swapped. The shard
 /// was picked by the hash's low bits, so every SKU of a shard shares them; the table takes
 /// its bucket from the low bits and its tag from the top ones.
-fn table_hash(sku_hash: u64) -> u64 {
+pub(crate) fn table_hash(sku_hash: u64) -> u64 {
     sku_hash.rotate_left(32)
 }
 
@@ -409,6 +409,15 @@ impl Products {
         }
         let th = table_hash(hash);
         Self::place(&mut self.index, th, product_entry(th, i));
+    }
+
+    /// Where the index's entries are and their count less one (0, 0 when it has none),
+    /// for the pre-lock hint (`FilterHint::note_index`).
+    pub(crate) fn index_layout(&self) -> (usize, usize) {
+        match self.index.len().checked_sub(1) {
+            Some(mask) => (self.index.as_ptr() as usize, mask),
+            None => (0, 0),
+        }
     }
 
     pub(crate) fn index_of(&self, sku: &str) -> Option<u32> {

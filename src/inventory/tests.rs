@@ -1354,6 +1354,51 @@ fn the_filter_hint_follows_the_filter_after_each_reserve() {
     assert!(gens_seen.len() >= 3, "{gens_seen:?}");
 }
 
+/// The pre-lock hint of each shard's product index (`FilterHint::note_index`) holds the
+/// index's current place while products are added one by one (the index is rebuilt as it
+/// grows) and after a restore, which builds new indexes.
+#[test]
+fn the_product_index_hint_follows_the_index() {
+    let inv = Inventory::new(InventoryConfig {
+        shards: 4,
+        ..InventoryConfig::default()
+    });
+    let follows = |inv: &Inventory, when: &str| {
+        for (i, slot) in inv.shards.iter().enumerate() {
+            let g = lock(slot);
+            assert_eq!(
+                inv.filter_hints[i].index_hint(),
+                g.products.index_layout(),
+                "shard {i} {when}"
+            );
+        }
+    };
+    follows(&inv, "when empty");
+    for n in 0..600 {
+        inv.upsert(&format!("sku-{n}"), SPEC, Some(5))
+            .expect("create");
+        follows(&inv, &format!("after product {n}"));
+    }
+    let (addr, mask) = lock(&inv.shards[0]).products.index_layout();
+    assert!(addr != 0 && mask >= 255, "the index grew: mask {mask}");
+    let restored = Inventory::new(InventoryConfig {
+        shards: 4,
+        ..InventoryConfig::default()
+    });
+    restored.restore(inv.snapshot(), 0);
+    follows(&restored, "after a restore");
+    // A restore into the same inventory replaces each shard's index: the hint moves too.
+    let before = inv.filter_hints[0].index_hint();
+    inv.restore(inv.snapshot(), 0);
+    follows(&inv, "after a restore into it");
+    assert_ne!(inv.filter_hints[0].index_hint(), (0, 0), "{before:?}");
+    // And a reserve of every product still finds it (the hint is only ever prefetched).
+    for n in 0..600 {
+        new_res(&restored, "u", &format!("q{n}"), &format!("sku-{n}"), 1, 0);
+        new_res(&inv, "u", &format!("q{n}"), &format!("sku-{n}"), 1, 0);
+    }
+}
+
 /// The idempotency key is the same whichever buffer packed it (keys that fit 64 bytes use a
 /// smaller one), and the length prefixes keep different splits of the same bytes apart.
 #[test]
