@@ -20,15 +20,16 @@ export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 log=$(mktemp)
 
 # A hung test must fail the run at once, with its threads' stacks, not hold CI until its
-# time limit. Every test binary (target/debug/deps/*) here finishes in well under a minute;
-# one still running after LIVEGATE_TEST_HANG_SECS (default 300) has every thread's stack
-# printed (with gdb, when it is installed) and is killed, which fails `cargo test`.
+# time limit. Every test binary (target/debug/deps/*) and load-test smoke run here finishes
+# in well under a minute; one still running after LIVEGATE_TEST_HANG_SECS (default 300) has
+# every thread's stack printed (with gdb, when it is installed) and is killed, which fails
+# the run.
 hang_secs=${LIVEGATE_TEST_HANG_SECS:-300}
 watchdog() {
   while sleep 10; do
-    for pid in $(pgrep -f "target/debug/deps/" || true); do
+    for pid in $(pgrep -f "target/debug/" || true); do
       case "$(readlink "/proc/$pid/exe" 2>/dev/null)" in
-        "$PWD/target/debug/deps/"*) ;;
+        "$PWD/target/debug/deps/"* | "$PWD/target/debug/livegate-loadtest") ;;
         *) continue ;;
       esac
       age=$(ps -o etimes= -p "$pid" 2>/dev/null | tr -d ' ')
