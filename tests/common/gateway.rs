@@ -375,26 +375,16 @@ impl Client {
     /// The reply carrying `req`, within [`WAIT`]; the other messages that came before it
     /// are kept, in order, for the next reads.
     pub async fn reply_to(&mut self, req: &str) -> Value {
-        let deadline = tokio::time::Instant::now() + WAIT;
         let mut kept = VecDeque::new();
-        let reply = loop {
-            let event = match self.backlog.pop_front() {
-                Some(v) => Event::Msg(v),
-                None => self.read_event(deadline).await,
-            };
-            match event {
-                Event::Msg(m) if m["req"] == req => break m,
-                Event::Msg(m) => kept.push_back(m),
-                Event::Closed(c) => panic!(
-                    "connection closed ({c:?}) while waiting for the reply to {req}; before it: {}",
-                    kinds(kept.make_contiguous())
-                ),
-                Event::Timeout => panic!(
-                    "no reply to {req} within {WAIT:?}; came instead: {}",
-                    kinds(kept.make_contiguous())
-                ),
-            }
-        };
+        let reply = self
+            .recv_until(&format!("the reply to {req}"), |m| {
+                let mine = m["req"] == req;
+                if !mine {
+                    kept.push_back(m.clone());
+                }
+                mine
+            })
+            .await;
         kept.extend(self.backlog.drain(..));
         self.backlog = kept;
         reply
